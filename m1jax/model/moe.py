@@ -1,0 +1,135 @@
+"""Top-k Mixture of SwiGLU experts: dropless grouped GEMM, capacity-factor dispatch, dense reference."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m1jax.config import ModelConfig
+from m1jax.model import common
+
+
+class RouterStats(NamedTuple):
+  """Per-layer sums for the Switch-style aux loss (pooled over layers by the model)."""
+  assignments: jax.Array  # [X] f32: top-k assignments per expert (padding excluded)
+  probabilities: jax.Array  # [X] f32: sum of router probabilities per expert
+  tokens: jax.Array  # [] f32: number of non-padding tokens
+  dropped: jax.Array  # [] f32: assignments dropped by the capacity limit
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int):
+  """Router: fp32 logits, softmax over all experts, top-k, renormalised weights.
+
+  x [N, E]; router [E, X] -> probs [N, X] f32, weights [N, k] f32, experts [N, k] int32.
+  """
+  logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+  probs = jax.nn.softmax(logits, axis=-1)
+  weights, experts = jax.lax.top_k(probs, top_k)
+  return probs, weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+
+
+def _swiglu_ragged(xs, w1, w3, w2, group_sizes, dtype):
+  """Grouped SwiGLU on rows sorted by expert: xs [M, E] -> [M, E]."""
+  def gmm(a, w):
+    return jax.lax.ragged_dot(a.astype(dtype), w.astype(dtype), group_sizes,
+                              preferred_element_type=jnp.float32).astype(dtype)
+  return gmm(jax.nn.silu(gmm(xs, w1)) * gmm(xs, w3), w2)
+
+
+def experts_dropless(x, weights, experts, w1, w3, w2, dtype):
+  """Every assignment computed: sort by expert, grouped GEMMs (lax.ragged_dot), unsort, combine."""
+  n, k = experts.shape
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
+  y = _swiglu_ragged(x[order // k], w1, w3, w2, sizes, dtype)
+  y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+  return jnp.einsum("nke,nk->ne", y.astype(jnp.float32), weights).astype(dtype)
+
+
+def experts_capacity(x, weights, experts, w1, w3, w2, dtype, capacity_factor: float):
+  """GShard-style dispatch with a per-expert capacity; overflowing assignments are dropped.
+
+  capacity = ceil(cf * N * k / X). Priority: all first choices (in token order), then second...
+  Returns (out [N, E], number of dropped assignments).
+  """
+  n, k = experts.shape
+  num_experts = w1.shape[0]
+  capacity = min(n, max(1, math.ceil(capacity_factor * n * k / num_experts)))
+  choice_major = experts.T.reshape(-1)  # [k*N]
+  one_hot = jax.nn.one_hot(choice_major, num_experts, dtype=jnp.int32)
+  slot = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)  # position within expert
+  kept = slot < capacity
+  tokens = jnp.tile(jnp.arange(n), k)
+  buffer = jnp.zeros((num_experts, capacity, x.shape[-1]), dtype)
+  buffer = buffer.at[choice_major, slot].set(x[tokens].astype(dtype), mode="drop")
+
+  def mm(eq, a, w):
+    return jnp.einsum(eq, a.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+  hidden = jax.nn.silu(mm("xce,xei->xci", buffer, w1)) * mm("xce,xei->xci", buffer, w3)
+  y = mm("xci,xie->xce", hidden, w2)
+  y = jnp.where(kept[:, None], y[choice_major, jnp.minimum(slot, capacity - 1)], 0)
+  y = y.reshape(k, n, -1).transpose(1, 0, 2)
+  out = jnp.einsum("nke,nk->ne", y.astype(jnp.float32), weights).astype(dtype)
+  return out, jnp.sum(~kept).astype(jnp.float32)
+
+
+def experts_dense(x, weights, experts, w1, w3, w2, dtype):
+  """Reference: every expert on every token, combined with the (sparse) top-k weights."""
+  def mm(eq, a, w):
+    return jnp.einsum(eq, a.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
+  hidden = jax.nn.silu(mm("ne,xei->nxi", x, w1)) * mm("ne,xei->nxi", x, w3)
+  y = mm("nxi,xie->nxe", hidden, w2)
+  combine = jnp.sum(jax.nn.one_hot(experts, w1.shape[0]) * weights[..., None], axis=1)  # [N, X]
+  return jnp.einsum("nxe,nx->ne", y.astype(jnp.float32), combine).astype(dtype)
+
+
+class MoE(nn.Module):
+  """Sparse MoE block: router [E, X], experts w1/w3 [X, E, I] (gate/up) and w2 [X, I, E] (down)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h: jax.Array, token_mask: jax.Array | None = None):
+    """h [B, T, E]; token_mask [B, T] bool -> (out [B, T, E], RouterStats)."""
+    cfg = self.cfg
+    e, i, nx = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+    dtype, pdtype, std = cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.initializer_range
+    router = common.param(self, "router", (e, nx), ("embed", None), std, pdtype)
+    w1 = common.param(self, "w1", (nx, e, i), ("expert", "embed", "mlp"), std, pdtype)
+    w3 = common.param(self, "w3", (nx, e, i), ("expert", "embed", "mlp"), std, pdtype)
+    w2 = common.param(self, "w2", (nx, i, e), ("expert", "mlp", "embed"), std, pdtype)
+
+    b, t, _ = h.shape
+    x = h.reshape(b * t, e)
+    probs, weights, experts = route(x, router, cfg.num_experts_per_tok)
+    dropped = jnp.zeros((), jnp.float32)
+    if cfg.moe_impl == "dense":
+      out = experts_dense(x, weights, experts, w1, w3, w2, dtype)
+    elif cfg.moe_capacity_factor is not None:
+      out, dropped = experts_capacity(x, weights, experts, w1, w3, w2, dtype, cfg.moe_capacity_factor)
+    else:
+      out = experts_dropless(x, weights, experts, w1, w3, w2, dtype)
+
+    valid = (jnp.ones((b * t,), jnp.float32) if token_mask is None
+             else token_mask.reshape(-1).astype(jnp.float32))
+    assignments = jnp.einsum("nkx,n->x", jax.nn.one_hot(experts, nx, dtype=jnp.float32), valid)
+    stats = RouterStats(assignments, jnp.einsum("nx,n->x", probs, valid), jnp.sum(valid), dropped)
+    return out.reshape(b, t, e), stats
+
+
+def aux_loss(stats: RouterStats) -> jax.Array:
+  """Switch-style load-balancing loss pooled over layers, as transformers computes it.
+
+  stats fields stacked over layers ([L, X] / [L]): E * sum_e f_e * P_e with f_e the fraction of
+  top-k assignments and P_e the mean router probability, both over all layers' tokens.
+  """
+  rows = jnp.maximum(jnp.sum(stats.tokens), 1.0)
+  fraction = jnp.sum(stats.assignments, axis=0) / rows
+  mean_prob = jnp.sum(stats.probabilities, axis=0) / rows
+  return stats.assignments.shape[-1] * jnp.sum(fraction * mean_prob)

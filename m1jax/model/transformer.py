@@ -1,0 +1,146 @@
+"""The MiniMax decoder: embedding, post-norm hybrid layers (lightning / softmax attention + MoE), LM head."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from m1jax.config import ModelConfig
+from m1jax.model import common
+from m1jax.model.attention import SoftmaxAttention
+from m1jax.model.lightning import LightningAttention
+from m1jax.model.moe import MoE, RouterStats
+from m1jax.model.norms import RMSNorm
+
+
+@flax.struct.dataclass
+class DecodeCache:
+  """Generation state: O(1) lightning states and a preallocated softmax KV cache.
+
+  Sequences are left-padded so that every row writes slot `index` at the same step.
+  """
+  lightning_states: jax.Array  # [L_lightning, B, H, D, D] float32
+  keys: jax.Array  # [L_softmax, B, S, KV, D]
+  values: jax.Array  # [L_softmax, B, S, KV, D]
+  slot_mask: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
+  index: jax.Array  # int32 []: next slot to write
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_length: int, kv_dtype=None) -> DecodeCache:
+  """An empty cache for `batch` sequences of at most `max_length` tokens (prompt + generation)."""
+  kv_shape = (cfg.num_softmax_layers, batch, max_length, cfg.num_key_value_heads, cfg.head_dim)
+  kv_dtype = cfg.jnp_dtype if kv_dtype is None else kv_dtype
+  return DecodeCache(
+      lightning_states=jnp.zeros((cfg.num_lightning_layers, batch, cfg.num_attention_heads,
+                                  cfg.head_dim, cfg.head_dim), jnp.float32),
+      keys=jnp.zeros(kv_shape, kv_dtype), values=jnp.zeros(kv_shape, kv_dtype),
+      slot_mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+
+class DecoderLayer(nn.Module):
+  """Post-norm ("DeepNorm") layer: h = norm(x); x = a*h + b*Attn(h); h = norm(x); x = a*h + b*MoE(h)."""
+
+  cfg: ModelConfig
+  layer_idx: int
+
+  @nn.compact
+  def __call__(self, x, positions, token_mask, lightning_state=None, kv_cache=None):
+    cfg = self.cfg
+    is_lightning = cfg.is_lightning[self.layer_idx]
+    pdtype = cfg.jnp_param_dtype
+    h = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="input_norm")(x)
+    if is_lightning:
+      attn_out, layer_cache = LightningAttention(cfg, self.layer_idx, name="attn")(
+          h, token_mask, lightning_state)
+      alpha, beta = cfg.layernorm_linear_attention_alpha, cfg.layernorm_linear_attention_beta
+    else:
+      attn_out, layer_cache = SoftmaxAttention(cfg, name="attn")(h, positions, token_mask, kv_cache)
+      alpha, beta = cfg.layernorm_full_attention_alpha, cfg.layernorm_full_attention_beta
+    x = (h if cfg.postnorm else x) * alpha + attn_out * beta
+    h = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="post_attn_norm")(x)
+    moe_out, stats = MoE(cfg, name="moe")(h, token_mask)
+    x = (h if cfg.postnorm else x) * cfg.layernorm_mlp_alpha + moe_out * cfg.layernorm_mlp_beta
+    x = common.constrain(x, (common.BATCH, common.LENGTH, common.EMBED))
+    return x, layer_cache, stats
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+  """Embedding -> layers -> final RMSNorm -> untied LM head (in cfg.lm_head_dtype)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens, positions=None, token_mask=None, cache: DecodeCache | None = None,
+               compute_logits: bool = True, return_hidden_states: bool = False) -> dict[str, Any]:
+    cfg = self.cfg
+    dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
+    embedding = common.param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                             cfg.initializer_range, pdtype)
+    x = jnp.take(embedding, tokens, axis=0).astype(dtype)
+    x = common.constrain(x, (common.BATCH, common.LENGTH, common.EMBED))
+
+    layer_cls = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy])
+
+    slot_mask = None
+    if cache is not None:
+      new_mask = (jnp.ones(tokens.shape, bool) if token_mask is None else token_mask)
+      slot_mask = jax.lax.dynamic_update_slice(cache.slot_mask, new_mask, (0, cache.index))
+    keys = values = None
+    if cache is not None:
+      keys, values = cache.keys, cache.values
+    lightning_states, all_stats, hidden_states = [], [], []
+    i_lightning = i_softmax = 0
+    for layer_idx in range(cfg.num_hidden_layers):
+      layer = layer_cls(cfg, layer_idx, name=f"layers_{layer_idx}")
+      if cfg.is_lightning[layer_idx]:
+        state = None if cache is None else cache.lightning_states[i_lightning]
+        x, state, stats = layer(x, positions, token_mask, state, None)
+        lightning_states.append(state)
+        i_lightning += 1
+      else:
+        kv = None if cache is None else (keys[i_softmax], values[i_softmax], slot_mask, cache.index)
+        x, new_kv, stats = layer(x, positions, token_mask, None, kv)
+        if cache is not None:
+          keys = keys.at[i_softmax].set(new_kv[0])
+          values = values.at[i_softmax].set(new_kv[1])
+        i_softmax += 1
+      all_stats.append(stats)
+      if return_hidden_states:
+        hidden_states.append(x)
+
+    x = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="final_norm")(x)
+    lm_head = common.param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                           cfg.initializer_range, pdtype)
+    out = {"hidden": x, "router_stats": jax.tree.map(lambda *s: jnp.stack(s), *all_stats)}
+    if compute_logits:
+      out["logits"] = lm_head_logits(cfg, x, lm_head)
+    if return_hidden_states:
+      out["hidden_states"] = tuple(hidden_states)
+    if cache is not None:
+      out["cache"] = DecodeCache(
+          lightning_states=(jnp.stack(lightning_states) if lightning_states
+                            else cache.lightning_states),
+          keys=keys, values=values, slot_mask=slot_mask,
+          index=cache.index + tokens.shape[1])
+    return out
+
+
+def lm_head_logits(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
+  """hidden [..., E] @ lm_head [E, V] in cfg.lm_head_dtype (fp32 option: paper section 3.2)."""
+  head_dtype = cfg.jnp_lm_head_dtype
+  precision = jax.lax.Precision.HIGHEST if head_dtype == jnp.float32 else None  # no TF32 on GPU
+  logits = jnp.einsum("...e,ev->...v", hidden.astype(head_dtype), lm_head.astype(head_dtype),
+                      preferred_element_type=jnp.float32, precision=precision)
+  return common.constrain(logits.astype(head_dtype), (common.BATCH, common.LENGTH, "activation_vocab"))

@@ -1,0 +1,177 @@
+"""Lightning attention (decayed linear attention, no normaliser) in pure jnp, and the dispatch.
+
+Per head h with decay lambda_h = exp(-slope_h), and a state that includes the current token:
+
+    S_t = lambda_h * S_{t-1} + k_t^T v_t        (S: [D, D], float32)
+    o_t = q_t S_t
+
+Three jnp implementations compute this function; `lightning_attention` picks one (or the Pallas
+kernel) by name:
+  * `lightning_attention_recurrent`: token by token (lax.scan), the ground truth.
+  * `lightning_attention_quadratic`: the masked decay matrix, O(T^2) memory.
+  * `lightning_attention_blockwise`: blocks of C tokens (lax.scan over blocks carrying the state):
+    intra-block [(Q K^T) * M] V with M_ij = lambda^(i-j) (i >= j), inter-block (Q * lambda^(i+1)) S,
+    update S <- lambda^m S + (K * lambda^(m-j-1))^T V for a block of m tokens.
+All take q, k, v [B, T, H, D], slope [H] and an optional initial state [B, H, D, D]; they return
+o [B, T, H, D] in q.dtype and the final state [B, H, D, D] in float32. Arithmetic is float32.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+
+_HI = jax.lax.Precision.HIGHEST
+IMPLEMENTATIONS = ("blockwise", "recurrent", "quadratic", "pallas")
+
+
+def _check_inputs(q, k, v, slope, initial_state):
+  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(f"q, k, v must all be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+  b, _, h, d = q.shape
+  if slope.shape != (h,):
+    raise ValueError(f"slope must be [H]=[{h}]; got {slope.shape}")
+  if initial_state is not None and initial_state.shape != (b, h, d, d):
+    raise ValueError(f"initial_state must be [B, H, D, D]={[b, h, d, d]}; got {initial_state.shape}")
+
+
+def _zero_state(q):
+  b, _, h, d = q.shape
+  return jnp.zeros((b, h, d, d), jnp.float32)
+
+
+def lightning_attention_recurrent(q, k, v, slope, initial_state=None):
+  """Token-by-token recurrence. q, k, v [B, T, H, D]; slope [H] -> (o [B, T, H, D], S [B, H, D, D])."""
+  _check_inputs(q, k, v, slope, initial_state)
+  state = _zero_state(q) if initial_state is None else initial_state.astype(jnp.float32)
+  decay = jnp.exp(-slope.astype(jnp.float32))[None, :, None, None]  # [1, H, 1, 1]
+
+  def step(s, qkv_t):
+    q_t, k_t, v_t = qkv_t  # [B, H, D] each
+    s = decay * s + jnp.einsum("bhd,bhe->bhde", k_t, v_t, precision=_HI)
+    return s, jnp.einsum("bhd,bhde->bhe", q_t, s, precision=_HI)
+
+  time_major = [jnp.swapaxes(x.astype(jnp.float32), 0, 1) for x in (q, k, v)]
+  state, o = jax.lax.scan(step, state, time_major)
+  return jnp.swapaxes(o, 0, 1).astype(q.dtype), state
+
+
+def lightning_attention_quadratic(q, k, v, slope, initial_state=None):
+  """Masked decay matrix form, O(T^2) memory. Same signature as the recurrent reference."""
+  _check_inputs(q, k, v, slope, initial_state)
+  t = q.shape[1]
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+  slope = slope.astype(jnp.float32)
+  idx = jnp.arange(t, dtype=jnp.float32)
+  gap = idx[:, None] - idx[None, :]  # i - j
+  mask = jnp.where(gap >= 0, jnp.exp(-slope[:, None, None] * jnp.maximum(gap, 0.0)), 0.0)  # [H, T, T]
+  scores = jnp.einsum("bihd,bjhd->bhij", qf, kf, precision=_HI) * mask
+  o = jnp.einsum("bhij,bjhd->bihd", scores, vf, precision=_HI)
+  key_decay = jnp.exp(-slope[None, :] * (t - 1 - idx)[:, None])  # [T, H]: lambda^(T-1-j)
+  state = jnp.einsum("bjhd,bjhe->bhde", kf * key_decay[None, :, :, None], vf, precision=_HI)
+  if initial_state is not None:
+    s0 = initial_state.astype(jnp.float32)
+    query_decay = jnp.exp(-slope[None, :] * (idx + 1)[:, None])  # [T, H]: lambda^(i+1)
+    o = o + jnp.einsum("bihd,bhde->bihe", qf * query_decay[None, :, :, None], s0, precision=_HI)
+    state = state + jnp.exp(-slope * t)[None, :, None, None] * s0
+  return o.astype(q.dtype), state
+
+
+def lightning_attention_blockwise(q, k, v, slope, initial_state=None, *, block_size: int = 256):
+  """Blockwise form: lax.scan over blocks of `block_size` tokens carrying the float32 state.
+
+  q, k, v [B, T, H, D] (any T; the last block may be partial); slope [H];
+  initial_state [B, H, D, D] or None -> (o [B, T, H, D] in q.dtype, state [B, H, D, D] float32).
+  """
+  _check_inputs(q, k, v, slope, initial_state)
+  if block_size <= 0:
+    raise ValueError(f"block_size must be positive; got {block_size}")
+  b, t, h, d = q.shape
+  c = min(block_size, t)
+  n = -(-t // c)
+  pad = n * c - t
+  state = _zero_state(q) if initial_state is None else initial_state.astype(jnp.float32)
+  slope = slope.astype(jnp.float32)
+
+  def blocks(x):  # [B, T, H, D] -> [N, B, C, H, D], zero-padded at the end.
+    x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, pad), (0, 0), (0, 0)))
+    return jnp.moveaxis(x.reshape(b, n, c, h, d), 1, 0)
+
+  pos = jnp.arange(c, dtype=jnp.float32)
+  gap = pos[:, None] - pos[None, :]
+  intra_mask = jnp.where(gap >= 0, jnp.exp(-slope[:, None, None] * jnp.maximum(gap, 0.0)), 0.0)  # [H, C, C]
+  query_decay = jnp.exp(-slope[None, :] * (pos + 1)[:, None])  # [C, H]
+  block_lengths = jnp.minimum(c, t - c * jnp.arange(n)).astype(jnp.float32)  # [N]
+
+  def step(s, xs):
+    q_b, k_b, v_b, m = xs  # [B, C, H, D] x3, scalar block length
+    scores = jnp.einsum("bihd,bjhd->bhij", q_b, k_b, precision=_HI) * intra_mask
+    o_b = jnp.einsum("bhij,bjhd->bihd", scores, v_b, precision=_HI)
+    o_b += jnp.einsum("bihd,bhde->bihe", q_b * query_decay[None, :, :, None], s, precision=_HI)
+    # Keys past the block's end are zero padding; their decay exponent is clamped to stay finite.
+    key_decay = jnp.exp(-slope[None, :] * jnp.maximum(m - 1 - pos, 0.0)[:, None])  # [C, H]
+    s = jnp.exp(-slope * m)[None, :, None, None] * s + jnp.einsum(
+        "bjhd,bjhe->bhde", k_b * key_decay[None, :, :, None], v_b, precision=_HI)
+    return s, o_b
+
+  state, o = jax.lax.scan(step, state, (blocks(q), blocks(k), blocks(v), block_lengths))
+  o = jnp.moveaxis(o, 0, 1).reshape(b, n * c, h, d)[:, :t]
+  return o.astype(q.dtype), state
+
+
+def lightning_decode_step(q, k, v, slope, state):
+  """One token. q, k, v [B, H, D]; state [B, H, D, D] -> (o [B, H, D] in q.dtype, new state)."""
+  decay = jnp.exp(-slope.astype(jnp.float32))[None, :, None, None]
+  state = decay * state.astype(jnp.float32) + jnp.einsum(
+      "bhd,bhe->bhde", k.astype(jnp.float32), v.astype(jnp.float32), precision=_HI)
+  o = jnp.einsum("bhd,bhde->bhe", q.astype(jnp.float32), state, precision=_HI)
+  return o.astype(q.dtype), state
+
+
+def resolve_impl(impl: str) -> str:
+  """"auto" -> "pallas" on GPU, "blockwise" elsewhere; other names pass through (validated)."""
+  if impl == "auto":
+    return "pallas" if jax.default_backend() == "gpu" else "blockwise"
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"lightning attention implementation {impl!r}; choose one of "
+                     f"{('auto',) + IMPLEMENTATIONS}")
+  return impl
+
+
+def lightning_attention(q, k, v, slope, initial_state=None, *, impl: str = "auto",
+                        block_size: int = 256):
+  """Dispatch. q, k, v [B, T, H, D]; slope [H] -> (o [B, T, H, D], final state [B, H, D, D] f32)."""
+  impl = resolve_impl(impl)
+  if impl == "pallas":
+    from pallas_kernels import lightning_attention as kernel  # pylint: disable=g-import-not-at-top
+    return kernel(q, k, v, slope, initial_state)
+  if impl == "recurrent":
+    return lightning_attention_recurrent(q, k, v, slope, initial_state)
+  if impl == "quadratic":
+    return lightning_attention_quadratic(q, k, v, slope, initial_state)
+  return lightning_attention_blockwise(q, k, v, slope, initial_state, block_size=block_size)
+
+
+def lightning_decode(q, k, v, slope, state, *, impl: str = "auto"):
+  """One decode step through the kernel on GPU, jnp elsewhere. q, k, v [B, H, D]."""
+  if resolve_impl(impl) == "pallas":
+    from pallas_kernels import lightning_attention_decode  # pylint: disable=g-import-not-at-top
+    return lightning_attention_decode(q, k, v, slope, state)
+  return lightning_decode_step(q, k, v, slope, state)
+
+
+def decay_slopes(num_heads: int, layer_idx: int, num_layers: int,
+                 convention: str = "original") -> jax.Array:
+  """slope_h = 2^(-8(h+1)/H) * (1 - l/(L-1) + 1e-5) for GLOBAL layer index l; [H] float32.
+
+  convention "transformers" uses the denominator L - 1 + 1e-5. A single-layer model uses factor 1.
+  """
+  base = 2.0 ** (-8.0 * (jnp.arange(num_heads, dtype=jnp.float32) + 1) / num_heads)
+  if convention == "transformers":
+    denominator = num_layers - 1 + 1e-5
+  elif convention == "original":
+    denominator = max(num_layers - 1, 1)
+  else:
+    raise ValueError(f"slope convention {convention!r}; choose 'original' or 'transformers'")
+  return base * (1.0 - layer_idx / denominator + 1e-5)

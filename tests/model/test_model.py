@@ -1,0 +1,188 @@
+"""Model behaviour: MoE implementations, padding, remat, dtypes, parameter counts, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m1jax import config, model, sharding
+from m1jax.model import moe
+
+# float32 everywhere below; implementations differ only in summation order.
+TOL = 1e-5
+
+
+forward = jax.jit(model.forward, static_argnums=0)
+
+
+def _rel(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = config.preset("tiny", dtype="float32")
+  return cfg, model.init(cfg, jax.random.key(0))
+
+
+def _tokens(cfg, shape, seed=1):
+  return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size)
+
+
+def _experts(seed, n=40, e=16, i=24, x=6, k=2):
+  ks = jax.random.split(jax.random.key(seed), 5)
+  h = jax.random.normal(ks[0], (n, e))
+  router = jax.random.normal(ks[1], (e, x))
+  w1, w3 = (jax.random.normal(ks[j], (x, e, i)) * 0.2 for j in (2, 3))
+  w2 = jax.random.normal(ks[4], (x, i, e)) * 0.2
+  _, weights, experts = moe.route(h, router, k)
+  return h, weights, experts, w1, w3, w2
+
+
+def test_router_renormalises_top_k():
+  h, weights, experts, *_ = _experts(0)
+  np.testing.assert_allclose(np.sum(np.asarray(weights), -1), 1.0, rtol=1e-6)
+  assert experts.shape == (40, 2) and np.all(np.asarray(experts[:, 0] != experts[:, 1]))
+
+
+def test_dropless_equals_dense_reference_values_and_gradients():
+  h, weights, experts, w1, w3, w2 = _experts(1)
+
+  def run(fn, h, w1, w3, w2):
+    return fn(h, weights, experts, w1, w3, w2, jnp.float32)
+
+  dense = run(moe.experts_dense, h, w1, w3, w2)
+  ragged = run(moe.experts_dropless, h, w1, w3, w2)
+  assert _rel(ragged, dense) <= TOL
+  cot = jax.random.normal(jax.random.key(5), dense.shape)
+  g_dense = jax.grad(lambda *a: jnp.sum(run(moe.experts_dense, *a) * cot), argnums=(0, 1, 2, 3))(h, w1, w3, w2)
+  g_ragged = jax.grad(lambda *a: jnp.sum(run(moe.experts_dropless, *a) * cot), argnums=(0, 1, 2, 3))(
+      h, w1, w3, w2)
+  for a, b in zip(g_ragged, g_dense):
+    assert _rel(a, b) <= TOL
+
+
+def test_capacity_factor_drops_only_when_capacity_is_short():
+  h, weights, experts, w1, w3, w2 = _experts(2)
+  dense = moe.experts_dense(h, weights, experts, w1, w3, w2, jnp.float32)
+  roomy, dropped = moe.experts_capacity(h, weights, experts, w1, w3, w2, jnp.float32, 100.0)
+  assert float(dropped) == 0 and _rel(roomy, dense) <= TOL
+  tight, dropped = moe.experts_capacity(h, weights, experts, w1, w3, w2, jnp.float32, 0.5)
+  # capacity = ceil(0.5 * 40 * 2 / 6) = 7 slots per expert: 42 of 80 assignments fit at most.
+  assert float(dropped) >= 80 - 42
+  # Tokens whose assignments all fit are untouched; a dropped assignment just loses its term.
+  counts = np.zeros(6, int)
+  kept = np.zeros((40, 2), bool)
+  for choice in range(2):
+    for n in range(40):
+      e = int(experts[n, choice])
+      kept[n, choice] = counts[e] < 7
+      counts[e] += 1
+  expected = moe.experts_dense(h, weights * kept, experts, w1, w3, w2, jnp.float32)
+  assert _rel(tight, expected) <= TOL
+
+
+def test_aux_loss_is_switch_style_over_pooled_layers():
+  assign = jnp.array([[3.0, 1.0], [2.0, 2.0]])  # 2 layers, 2 experts, 2 tokens each, top-1
+  probs = jnp.array([[1.5, 0.5], [1.0, 1.0]])
+  stats = moe.RouterStats(assign, probs, jnp.array([2.0, 2.0]) * 2 / 2, jnp.zeros(2))
+  # f = [5, 3] / 4 tokens, P = [2.5, 1.5] / 4 -> 2 * (5*2.5 + 3*1.5) / 16
+  np.testing.assert_allclose(float(moe.aux_loss(stats)), 2 * (5 * 2.5 + 3 * 1.5) / 16, rtol=1e-6)
+
+
+def test_moe_impls_agree_in_the_model(tiny):
+  cfg, params = tiny
+  tokens = _tokens(cfg, (2, 19))
+  outs = {impl: forward(cfg.replace(moe_impl=impl), params, tokens).logits for impl in ("ragged", "dense")}
+  outs["capacity"] = forward(cfg.replace(moe_capacity_factor=8.0), params, tokens).logits
+  assert _rel(outs["ragged"], outs["dense"]) <= TOL
+  assert _rel(outs["capacity"], outs["dense"]) <= TOL
+
+
+def test_left_padding_matches_unpadded(tiny):
+  """Padding gets zero q/k/v (lightning), is masked as keys (softmax) and shifts no position."""
+  cfg, params = tiny
+  tokens = _tokens(cfg, (1, 21))
+  pad = 6
+  padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), tokens], axis=1)
+  mask = jnp.arange(21 + pad)[None] >= pad
+  ref = forward(cfg, params, tokens).logits
+  got = forward(cfg, params, padded, token_mask=mask).logits[:, pad:]
+  assert _rel(got, ref) <= TOL
+
+
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_changes_nothing(tiny, policy):
+  cfg, params = tiny
+  tokens = _tokens(cfg, (2, 9))
+
+  def loss(c, p):
+    out = model.forward(c, p, tokens)
+    return jnp.mean(jax.nn.logsumexp(out.logits, -1)) + out.aux_loss
+
+  loss_and_grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
+  ref_loss, ref_grad = loss_and_grad(cfg, params)
+  got_loss, got_grad = loss_and_grad(cfg.replace(remat_policy=policy), params)
+  assert abs(float(got_loss - ref_loss)) <= TOL * abs(float(ref_loss))
+  for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
+    assert float(jnp.max(jnp.abs(a - b))) <= TOL * max(float(jnp.max(jnp.abs(b))), 1e-6)
+
+
+def test_dtypes(tiny):
+  _, params = tiny
+  cfg = config.preset("tiny", dtype="bfloat16", lm_head_dtype="float32")
+  out = forward(cfg, params, _tokens(cfg, (1, 5)))
+  assert out.hidden.dtype == jnp.bfloat16 and out.logits.dtype == jnp.float32
+  out = forward(cfg.replace(lm_head_dtype="bfloat16"), params, _tokens(cfg, (1, 5)))
+  assert out.logits.dtype == jnp.bfloat16
+
+
+def test_456b_preset_counts_without_allocating():
+  cfg = config.preset("minimax-m1-456b")
+  counts = model.param_counts(cfg)
+  assert counts["total"] == 456_089_655_296  # 456.09B (minimax_m1_facts.md)
+  assert counts["active_per_token"] == 45_944_920_064  # 45.94B excluding embedding and LM head
+  assert counts["active_with_lm_head"] == 47_174_113_280  # 47.17B
+  assert counts["total"] * 2 == 912_179_310_592  # bf16 bytes; the published file adds decay buffers
+  assert counts["lightning_layers"] + counts["softmax_layers"] + counts["moe"] + counts["embedding"] + \
+      counts["lm_head"] + counts["final_norm"] == counts["total"]
+
+
+def test_small_preset_is_within_its_size_class():
+  counts = model.param_counts(config.preset("small"))
+  assert 0.5e9 <= counts["total"] <= 1.0e9
+
+
+def test_every_param_has_logical_axes(tiny):
+  cfg, params = tiny
+  specs = model.logical_axes(cfg)
+  flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert len(flat_specs) == len(jax.tree.leaves(params))
+  for spec, leaf in zip(flat_specs, jax.tree.leaves(params)):
+    assert len(spec) == leaf.ndim
+
+
+@pytest.mark.parametrize("mesh_shape", [{"fsdp": 2, "tensor": 2, "expert": 2}, {"data": 2, "fsdp": 4}])
+def test_sharded_forward_equals_single_device(tiny, mesh_shape):
+  assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices"
+  cfg, params = tiny
+  tokens = _tokens(cfg, (8, 19))
+  ref = forward(cfg, params, tokens)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:8])
+  shardings = sharding.param_shardings(model.logical_axes(cfg), params, mesh)
+  sharded_params = jax.device_put(params, shardings)
+  assert any(len(leaf.sharding.device_set) > 1 and not leaf.sharding.is_fully_replicated
+             for leaf in jax.tree.leaves(sharded_params))
+  with sharding.activate(mesh):
+    out = jax.jit(lambda p, t: model.forward(cfg, p, t))(
+        sharded_params, jax.device_put(tokens, sharding.batch_sharding(mesh)))
+  assert _rel(out.logits, ref.logits) <= TOL
+  np.testing.assert_allclose(float(out.aux_loss), float(ref.aux_loss), rtol=1e-6)
+
+
+def test_make_mesh_validation():
+  with pytest.raises(ValueError, match="not among"):
+    sharding.make_mesh({"pipeline": 2})
+  with pytest.raises(ValueError, match="needs 6 devices"):
+    sharding.make_mesh({"fsdp": 2, "tensor": 3}, jax.devices()[:8])
+  assert sharding.make_mesh({"tensor": 2, "fsdp": -1}, jax.devices()[:8]).shape["fsdp"] == 4
