@@ -129,6 +129,11 @@ def lightning_decode_step(q, k, v, slope, state):
   return o.astype(q.dtype), state
 
 
+def _interpret() -> bool:
+  """Pallas kernels run compiled on GPU and in interpret mode elsewhere (tests on CPU)."""
+  return jax.default_backend() != "gpu"
+
+
 def resolve_impl(impl: str) -> str:
   """"auto" -> "pallas" on GPU, "blockwise" elsewhere; other names pass through (validated)."""
   if impl == "auto":
@@ -143,9 +148,9 @@ def lightning_attention(q, k, v, slope, initial_state=None, *, impl: str = "auto
                         block_size: int = 256):
   """Dispatch. q, k, v [B, T, H, D]; slope [H] -> (o [B, T, H, D], final state [B, H, D, D] f32)."""
   impl = resolve_impl(impl)
-  if impl == "pallas":
+  if impl == "pallas":  # the kernel tiles time itself; block_size is the jnp paths' knob
     from pallas_kernels import lightning_attention as kernel  # pylint: disable=g-import-not-at-top
-    return kernel(q, k, v, slope, initial_state)
+    return kernel(q, k, v, slope, initial_state, interpret=_interpret())
   if impl == "recurrent":
     return lightning_attention_recurrent(q, k, v, slope, initial_state)
   if impl == "quadratic":
@@ -157,7 +162,7 @@ def lightning_decode(q, k, v, slope, state, *, impl: str = "auto"):
   """One decode step through the kernel on GPU, jnp elsewhere. q, k, v [B, H, D]."""
   if resolve_impl(impl) == "pallas":
     from pallas_kernels import lightning_attention_decode  # pylint: disable=g-import-not-at-top
-    return lightning_attention_decode(q, k, v, slope, state)
+    return lightning_attention_decode(q, k, v, slope, state, interpret=_interpret())
   return lightning_decode_step(q, k, v, slope, state)
 
 

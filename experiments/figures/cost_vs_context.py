@@ -1,0 +1,180 @@
+r"""Cost vs context length: lightning against softmax attention, from the two GPU benchmarks' CSVs.
+
+Left: forward time per token (us) against sequence length T of one attention layer (H heads,
+D = 128, bf16, B * T fixed): lightning attention (ours: the Pallas kernel; fla's Triton kernel)
+against causal softmax attention (cuDNN flash attention), from experiments/bench_lightning.py.
+Right: decode step time (ms) against context length for the hybrid model (7 lightning : 1 softmax)
+and its all-softmax twin, from experiments/bench_generate.py, with the fitted slope of each.
+
+Writes --out_png and, beside it, a markdown table of the plotted points (same name, .md).
+
+  python -m experiments.figures.cost_vs_context \
+      --kernel_csv=results/lightning/lightning_bench.csv \
+      --generate_csv=results/bench_generate/bench_generate.csv \
+      --out_png=results/cost_vs_context/cost_vs_context.png
+"""
+
+import csv
+import dataclasses
+import os
+
+from absl import app
+from absl import flags
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from m1jax.generate import benchmark  # noqa: E402
+from pallas_kernels import lightning_bench  # noqa: E402
+
+_KERNEL_CSV = flags.DEFINE_string("kernel_csv", "results/lightning/lightning_bench.csv",
+                                  "lightning_bench.csv of experiments/bench_lightning.py.")
+_GENERATE_CSV = flags.DEFINE_string("generate_csv", "results/bench_generate/bench_generate.csv",
+                                    "bench_generate.csv of experiments/bench_generate.py.")
+_OUT_PNG = flags.DEFINE_string("out_png", "results/cost_vs_context/cost_vs_context.png",
+                               "Output figure (a .md table of the points is written beside it).")
+_HEADS = flags.DEFINE_integer("heads", 0, "Kernel rows with this many heads (0: the head count "
+                              "with the most sequence lengths, the largest on a tie).")
+_KERNEL_KIND = flags.DEFINE_enum("kernel_kind", "fwd", ["fwd", "fwd+bwd"],
+                                 "Kernel pass plotted on the left.")
+
+_PRODUCERS = {
+    "kernel_csv": "PYTHONPATH=. python experiments/bench_lightning.py --out_dir=results/lightning",
+    "generate_csv": ("PYTHONPATH=. python experiments/bench_generate.py "
+                     "--out_dir=results/bench_generate"),
+}
+# Kernel CSV impl -> (label, colour, line style); softmax dashed.
+_KERNEL_SERIES = {
+    "pallas": ("lightning, ours (Pallas)", "tab:red", "-"),
+    "fla": ("lightning, fla (Triton)", "tab:orange", "-"),
+    "cudnn-softmax": ("softmax, cuDNN flash attention", "tab:blue", "--"),
+}
+_GENERATE_SERIES = {"hybrid": ("tab:red", "-"), "all_softmax": ("tab:blue", "--")}
+_CASTS = {"int": int, "float": float, "str": str}
+
+
+def read_rows(path: str, row_type, flag: str) -> list:
+  """The rows of a benchmark CSV as `row_type` dataclasses (columns cast by field type)."""
+  if not os.path.exists(path):
+    raise ValueError(f"--{flag}={path}: no such file; it is written by `{_PRODUCERS[flag]}` "
+                     "(on a GPU)")
+  fields = {f.name: _CASTS[f.type if isinstance(f.type, str) else f.type.__name__]
+            for f in dataclasses.fields(row_type)}
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [name for name in fields if name not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f"--{flag}={path}: column(s) {missing} missing; expected the CSV written "
+                       f"by `{_PRODUCERS[flag]}`")
+    rows = [row_type(**{name: cast(row[name]) for name, cast in fields.items()}) for row in reader]
+  if not rows:
+    raise ValueError(f"--{flag}={path}: no rows")
+  return rows
+
+
+def kernel_series(rows, kind: str, heads: int) -> tuple[int, dict[str, list[tuple[int, float]]]]:
+  """(heads used, {impl: [(T, us per token)]}) for the plotted impls.
+
+  heads 0: the head count with the most distinct sequence lengths (the largest on a tie).
+  """
+  rows = [r for r in rows if r.kind == kind and r.impl in _KERNEL_SERIES]
+  available = sorted({r.heads for r in rows})
+  if not heads and available:
+    heads = max(available, key=lambda h: (len({r.seq_len for r in rows if r.heads == h}), h))
+  series = {}
+  for impl in _KERNEL_SERIES:
+    points = sorted((r.seq_len, 1e3 * r.ms / (r.batch * r.seq_len)) for r in rows
+                    if r.impl == impl and r.heads == heads)
+    if points:
+      series[impl] = points
+  for impl in ("pallas", "cudnn-softmax"):
+    if impl not in series:
+      raise ValueError(f"--kernel_csv: no {kind!r} rows of impl {impl!r} with {heads} heads "
+                       f"(heads present: {available})")
+  return heads, series
+
+
+def generate_series(rows) -> dict[tuple[str, int], list[tuple[int, float]]]:
+  """{(model, batch): [(context, ms per decode step)]}; needs hybrid and all_softmax rows."""
+  series = {}
+  for r in rows:
+    series.setdefault((r.model, r.batch), []).append((r.context, r.ms_per_step))
+  models = {name for name, _ in series}
+  if not {"hybrid", "all_softmax"} <= models:
+    raise ValueError(f"--generate_csv: needs rows of models 'hybrid' and 'all_softmax'; found "
+                     f"{sorted(models)}")
+  return {key: sorted(points) for key, points in series.items()}
+
+
+def _markdown(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def tables(kind, heads, kernel, decode, decode_rows) -> str:
+  lengths = sorted({t for points in kernel.values() for t, _ in points})
+  by_impl = {impl: dict(points) for impl, points in kernel.items()}
+  kernel_table = _markdown(
+      ["T"] + [f"{_KERNEL_SERIES[impl][0]} (us/token)" for impl in kernel],
+      [[t] + [f"{by_impl[impl][t]:.4g}" if t in by_impl[impl] else "-" for impl in kernel]
+       for t in lengths])
+  contexts = sorted({c for points in decode.values() for c, _ in points})
+  by_model = {key: dict(points) for key, points in decode.items()}
+  decode_table = _markdown(
+      ["context"] + [f"{name} batch {batch} (ms/step)" for name, batch in decode],
+      [[c] + [f"{by_model[key][c]:.4g}" if c in by_model[key] else "-" for key in decode]
+       for c in contexts]
+      + [["slope (ms per 1K context)"]
+         + [f"{benchmark.slope_ms_per_1k([r for r in decode_rows if r.batch == batch], name):.4g}"
+            for name, batch in decode]])
+  return (f"Attention kernel, {kind}, {heads} heads, time per token:\n\n{kernel_table}\n\n"
+          f"Decode step against context:\n\n{decode_table}")
+
+
+def plot(kind, heads, kernel, decode, decode_rows, kernel_rows, path: str) -> None:
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+  for impl, points in kernel.items():
+    label, color, style = _KERNEL_SERIES[impl]
+    left.plot(*zip(*points), marker="o", color=color, linestyle=style, label=label)
+  shape = next(r for r in kernel_rows if r.kind == kind and r.heads == heads)
+  left.set(yscale="log", xlabel="sequence length T (tokens)",
+           ylabel="time per token (us)",
+           title=f"one attention layer, {kind}: H={heads}, D={shape.dim}, "
+                 f"B*T={shape.batch * shape.seq_len}")
+  left.set_xscale("log", base=2)
+  for (name, batch), points in decode.items():
+    color, style = _GENERATE_SERIES.get(name, ("tab:gray", ":"))
+    slope = benchmark.slope_ms_per_1k([r for r in decode_rows if r.batch == batch], name)
+    right.plot(*zip(*points), marker="o", color=color, linestyle=style,
+               label=f"{name}, batch {batch} ({slope:.3g} ms per 1K context)")
+  right.set(xlabel="context length (tokens)", ylabel="decode step (ms)",
+            title="whole model, one decode step")
+  right.set_xscale("log", base=2)
+  right.set_ylim(bottom=0)
+  for ax in (left, right):
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle("Lightning vs softmax attention: cost as the context grows")
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=150)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  kernel_rows = read_rows(_KERNEL_CSV.value, lightning_bench.Row, "kernel_csv")
+  decode_rows = read_rows(_GENERATE_CSV.value, benchmark.DecodeTiming, "generate_csv")
+  heads, kernel = kernel_series(kernel_rows, _KERNEL_KIND.value, _HEADS.value)
+  decode = generate_series(decode_rows)
+  plot(_KERNEL_KIND.value, heads, kernel, decode, decode_rows, kernel_rows, _OUT_PNG.value)
+  text = tables(_KERNEL_KIND.value, heads, kernel, decode, decode_rows)
+  with open(os.path.splitext(_OUT_PNG.value)[0] + ".md", "w") as f:
+    f.write(text + "\n")
+  print(text)
+  print(f"\nWrote {_OUT_PNG.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,41 @@
+r"""Trains from a config: SFT, RL, or SFT then RL.
+
+  python -m experiments.train --config=configs/demo.py --workdir=workdirs/demo
+  python -m experiments.train --config=configs/rl/grpo_arithmetic.py --config.rl.steps=50 \
+      --workdir=workdirs/grpo
+
+Rerunning with the same --workdir resumes. Several processes (hosts, or local processes on CPU):
+add --num_processes=N --process_id=i --coordinator_address=host:port to each.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from m1jax.train import defaults
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (checkpoints, metrics).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO logs (orbax) drown the progress bar
+  try:
+    defaults.validate(_CONFIG.value)  # fail fast, before the heavy imports and devices
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  from m1jax.train import driver, run  # pylint: disable=g-import-not-at-top
+  run.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  summary = driver.run_from_config(_CONFIG.value, _WORKDIR.value)
+  print(driver.format_summary(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,342 @@
+"""Batched generation: one prefill, then a jit-compiled decode loop over fixed-size caches.
+
+Padding convention: prompts are LEFT-padded to a common width P so that every row's last prompt
+token sits in column P - 1 and every row writes cache slot P + s at decode step s. `generate`
+accepts a list of token lists (left-padded here to a multiple of `GenerateConfig.pad_multiple`) or
+int tokens [B, P] with a bool `prompt_mask` [B, P]; the masked-in tokens of a row, in order, are its
+prompt (left- or right-padded arrays both work: rows are re-packed to the left inside the jit).
+
+Lightning layers carry their [H, D, D] state through the prefill (padding contributes zero keys and
+values, so the state starts at exactly zero for every row) and update it in O(1) per token; softmax
+layers write a KV cache preallocated for P + max_new_tokens - 1 tokens. The whole thing, prefill and
+`lax.while_loop` decode, is one `jax.jit` per (ModelConfig, GenerateConfig, B, P): calls with the
+same shapes and configs reuse the compiled program.
+
+Rows are independent: row b samples step s with key fold_in(fold_in(key, row_ids[b]), s), so
+generating a batch equals generating each prompt alone with the same row id (to floating-point
+summation order; the MoE must be dropless, i.e. `moe_capacity_factor=None`, since capacity limits
+couple the rows of a batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m1jax import model
+from m1jax.config import DTYPES, ModelConfig
+from m1jax.generate import sampling
+from m1jax.generate.sampling import SamplingConfig
+
+
+class FinishReason(enum.IntEnum):
+  """Why a row stopped. `FinishReason(v).name.lower()` gives eos, stop_token, length, repetition."""
+  LENGTH = 0  # max_new_tokens generated
+  EOS = 1  # generated an end-of-sequence token (kept in the output)
+  STOP_TOKEN = 2  # generated one of GenerateConfig.stop_token_ids (kept in the output)
+  REPETITION = 3  # M1 early truncation: repetition_window tokens in a row with p > repetition_prob
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+  """Static settings of a generation call (a change recompiles).
+
+  max_new_tokens: N, tokens generated per row at most.
+  sampling: SamplingConfig (temperature 0 is greedy).
+  eos_token_ids: ids that end a row with reason EOS; None: (cfg.eos_token_id,) when it is set.
+  stop_token_ids: further ids that end a row, with reason STOP_TOKEN.
+  pad_id: fills `tokens` after a row stops (and pads list prompts).
+  repetition_window, repetition_prob: MiniMax-M1's early truncation: a row stops, with reason
+    REPETITION, once `repetition_window` consecutive generated tokens each had probability
+    > `repetition_prob` (the probability of the reported log-prob: exp(logprobs)). 0 disables it.
+  pad_multiple: list prompts are left-padded to a multiple of this width, so that calls with
+    similar prompt lengths share a compiled program.
+  kv_dtype: softmax KV cache dtype name (None: cfg.dtype).
+  """
+
+  max_new_tokens: int = 256
+  sampling: SamplingConfig = SamplingConfig()
+  eos_token_ids: tuple[int, ...] | None = None
+  stop_token_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+  repetition_window: int = 3000
+  repetition_prob: float = 0.99
+  pad_multiple: int = 32
+  kv_dtype: str | None = None
+
+  def __post_init__(self):
+    if self.eos_token_ids is not None:
+      object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+    for name in ("max_new_tokens", "pad_multiple"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"GenerateConfig.{name}={value!r}: must be a positive integer")
+    if not isinstance(self.repetition_window, int) or self.repetition_window < 0:
+      raise ValueError(f"GenerateConfig.repetition_window={self.repetition_window!r}: must be an "
+                       "integer >= 0 (0 disables early truncation)")
+    if not 0 <= self.repetition_prob < 1:
+      raise ValueError(
+          f"GenerateConfig.repetition_prob={self.repetition_prob!r}: must be in [0, 1)")
+    if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
+      raise ValueError(f"GenerateConfig.kv_dtype={self.kv_dtype!r}: must be None or one of "
+                       f"{sorted(DTYPES)}")
+
+  def resolved_eos(self, cfg: ModelConfig) -> tuple[int, ...]:
+    if self.eos_token_ids is not None:
+      return self.eos_token_ids
+    return () if cfg.eos_token_id is None else (cfg.eos_token_id,)
+
+  def validate_for(self, cfg: ModelConfig) -> None:
+    """Checks token ids and top_k against the vocabulary."""
+    if self.sampling.top_k > cfg.vocab_size:
+      raise ValueError(f"SamplingConfig.top_k={self.sampling.top_k} exceeds vocab_size="
+                       f"{cfg.vocab_size}")
+    ids = {"eos_token_ids": self.resolved_eos(cfg), "stop_token_ids": self.stop_token_ids,
+           "pad_id": (self.pad_id,)}
+    for name, values in ids.items():
+      bad = [t for t in values if not 0 <= t < cfg.vocab_size]
+      if bad:
+        raise ValueError(f"GenerateConfig.{name}: token id {bad[0]} outside the vocabulary "
+                         f"[0, {cfg.vocab_size})")
+
+
+class GenerateOutput(NamedTuple):
+  """Generated tokens and what the trainer needs. B rows, P prompt columns, N = max_new_tokens."""
+  tokens: jax.Array  # int32 [B, N]: generated tokens (stop token included), pad_id after the stop
+  logprobs: jax.Array  # float32 [B, N]: log_softmax(logits / T)[token] (T = 1 if greedy); 0 after
+  lengths: jax.Array  # int32 [B]: number of generated tokens
+  finish_reasons: jax.Array  # int32 [B]: FinishReason values
+  prompt_tokens: jax.Array  # int32 [B, P]: left-padded prompts (pad_id in padding)
+  prompt_mask: jax.Array  # bool [B, P]: True on prompt tokens
+  prompt_lengths: jax.Array  # int32 [B]
+
+  @property
+  def completion_mask(self) -> jax.Array:
+    """bool [B, N]: True on generated tokens."""
+    return jnp.arange(self.tokens.shape[1])[None, :] < self.lengths[:, None]
+
+  @property
+  def sequences(self) -> jax.Array:
+    """int32 [B, P + N]: left-padded prompt followed by the generated tokens."""
+    return jnp.concatenate([self.prompt_tokens, self.tokens], axis=1)
+
+  @property
+  def sequence_mask(self) -> jax.Array:
+    """bool [B, P + N]: real tokens of `sequences` (model.forward's token_mask for them).
+
+    model.forward(cfg, params, sequences, token_mask=sequence_mask).logits[:, P - 1 : P + N - 1]
+    are the logits that produced `tokens`.
+    """
+    return jnp.concatenate([self.prompt_mask, self.completion_mask], axis=1)
+
+
+class _LoopState(NamedTuple):
+  step: jax.Array  # int32 []: index of the next token to sample
+  tokens: jax.Array  # [B, N]
+  logprobs: jax.Array  # [B, N]
+  lengths: jax.Array  # [B]
+  finish_reasons: jax.Array  # [B]
+  done: jax.Array  # bool [B]
+  run: jax.Array  # int32 [B]: current run of consecutive tokens with probability > repetition_prob
+  cache: Any  # model.DecodeCache
+
+
+def _is_in(tokens, ids: Sequence[int]):
+  if not ids:
+    return jnp.zeros(tokens.shape, bool)
+  return jnp.isin(tokens, jnp.asarray(ids, jnp.int32))
+
+
+def stop_update(tokens, logprobs, run, step, *, eos_ids: Sequence[int], stop_ids: Sequence[int],
+                max_new_tokens: int, repetition_window: int, repetition_prob: float):
+  """Stop rules for the tokens sampled at `step` (all rows; callers mask finished rows).
+
+  tokens int [B]; logprobs [B]; run int32 [B] before this token -> (run after it, stops bool [B],
+  reason int32 [B]). Priority when several rules hold at once: EOS, STOP_TOKEN, REPETITION, LENGTH.
+  """
+  if repetition_window:
+    run = jnp.where(jnp.exp(logprobs) > repetition_prob, run + 1, 0)
+    is_repetition = run >= repetition_window
+  else:
+    is_repetition = jnp.zeros(tokens.shape, bool)
+  is_eos = _is_in(tokens, eos_ids)
+  is_stop = _is_in(tokens, stop_ids)
+  is_length = jnp.broadcast_to(step + 1 >= max_new_tokens, tokens.shape)
+  reason = jnp.select([is_eos, is_stop, is_repetition],
+                      [FinishReason.EOS, FinishReason.STOP_TOKEN, FinishReason.REPETITION],
+                      FinishReason.LENGTH).astype(jnp.int32)
+  return run, is_eos | is_stop | is_repetition | is_length, reason
+
+
+def _left_align(tokens, mask, pad_id):
+  """Moves each row's masked-in tokens (in order) to the right end. [B, P] -> [B, P] twice."""
+  order = jnp.argsort(mask, axis=1, stable=True)  # padding (False) first, order kept
+  mask = jnp.take_along_axis(mask, order, axis=1)
+  tokens = jnp.where(mask, jnp.take_along_axis(tokens, order, axis=1), pad_id)
+  return tokens, mask
+
+
+def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, row_ids):
+  """The jitted program. tokens int32 [B, P]; mask bool [B, P]; key: PRNG key; row_ids int32 [B]."""
+  batch, prompt_width = tokens.shape
+  n = gen.max_new_tokens
+  tokens, mask = _left_align(tokens, mask, gen.pad_id)
+  prompt_lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  kv_dtype = None if gen.kv_dtype is None else DTYPES[gen.kv_dtype]
+  cache = model.init_cache(cfg, batch, prompt_width + n - 1, kv_dtype)
+  prefill = model.forward(cfg, params, tokens, token_mask=mask,
+                          positions=model.positions_from_mask(mask, tokens.shape), cache=cache,
+                          compute_logits=False)
+  logits = model.lm_head_logits(cfg, prefill.hidden[:, -1:], params["lm_head"])[:, 0]  # [B, V]
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+  stop_rules = dict(eos_ids=gen.resolved_eos(cfg), stop_ids=gen.stop_token_ids, max_new_tokens=n,
+                    repetition_window=gen.repetition_window, repetition_prob=gen.repetition_prob)
+
+  def record(state: _LoopState, logits) -> _LoopState:
+    """Samples token `state.step` of every unfinished row and applies the stop rules."""
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, state.step)
+    token = sampling.sample(logits, step_keys, gen.sampling)
+    logprob = sampling.token_logprobs(logits, token, gen.sampling.temperature)
+    active = ~state.done
+    token = jnp.where(active, token, gen.pad_id)
+    logprob = jnp.where(active, logprob, 0.0)
+    run, stops, reason = stop_update(token, logprob, state.run, state.step, **stop_rules)
+    finishing = active & stops
+    return state._replace(
+        step=state.step + 1,
+        tokens=jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, state.step)),
+        logprobs=jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], (0, state.step)),
+        lengths=jnp.where(active, state.step + 1, state.lengths),
+        finish_reasons=jnp.where(finishing, reason, state.finish_reasons),
+        done=state.done | finishing, run=run)
+
+  def decode(state: _LoopState) -> _LoopState:
+    """Feeds the last sampled token (step - 1) and samples the next one."""
+    last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [B, 1]
+    positions = (prompt_lengths + state.step - 1)[:, None]
+    out = model.forward(cfg, params, last, positions=positions, cache=state.cache)
+    return record(state._replace(cache=out.cache), out.logits[:, 0])
+
+  def keep_going(state: _LoopState):
+    return (state.step < n) & ~jnp.all(state.done)
+
+  state = _LoopState(
+      step=jnp.zeros((), jnp.int32), tokens=jnp.full((batch, n), gen.pad_id, jnp.int32),
+      logprobs=jnp.zeros((batch, n), jnp.float32), lengths=jnp.zeros((batch,), jnp.int32),
+      finish_reasons=jnp.full((batch,), FinishReason.LENGTH, jnp.int32),
+      done=jnp.zeros((batch,), bool), run=jnp.zeros((batch,), jnp.int32), cache=prefill.cache)
+  state = jax.lax.while_loop(keep_going, decode, record(state, logits))
+  return GenerateOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
+                        finish_reasons=state.finish_reasons, prompt_tokens=tokens, prompt_mask=mask,
+                        prompt_lengths=prompt_lengths)
+
+
+_generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+
+
+def _pack_prompts(prompts: Sequence[Sequence[int]], pad_multiple: int, pad_id: int):
+  """Left-pads token lists to a multiple of pad_multiple -> (tokens [B, P] int32, mask [B, P])."""
+  if not prompts:
+    raise ValueError("prompts: empty batch")
+  lengths = [len(p) for p in prompts]
+  if min(lengths) == 0:
+    raise ValueError(f"prompts[{lengths.index(0)}] is empty: every prompt needs a token")
+  width = pad_multiple * math.ceil(max(lengths) / pad_multiple)
+  tokens = np.full((len(prompts), width), pad_id, np.int32)
+  mask = np.zeros((len(prompts), width), bool)
+  for b, prompt in enumerate(prompts):
+    tokens[b, width - len(prompt):] = np.asarray(prompt, np.int32)
+    mask[b, width - len(prompt):] = True
+  return tokens, mask
+
+
+def _on_host(x) -> np.ndarray | None:
+  """x as a numpy array; None when it is traced or spans other hosts (then it is not checked)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return None
+  try:
+    return np.asarray(x)
+  except jax.errors.TracerArrayConversionError:
+    return None
+
+
+def generate(cfg: ModelConfig, params, prompts, config: GenerateConfig | None = None, *,
+             prompt_mask=None, key=None, row_ids=None, **overrides) -> GenerateOutput:
+  """Generates up to N = max_new_tokens tokens for every prompt of a batch.
+
+  Args:
+    cfg, params: the model (model.init / convert.load_hf).
+    prompts: a list of B token lists (any lengths), or int tokens [B, P] with `prompt_mask`.
+    config: GenerateConfig (default GenerateConfig()).
+    prompt_mask: bool [B, P] (arrays only): True on prompt tokens; each row's masked-in tokens,
+      in order, are its prompt (typically left-padded, as data.PromptBatch). Default: all True.
+    key: PRNG key (or int seed) for sampling; required unless greedy.
+    row_ids: int [B] row identities for the per-row keys (default 0..B-1); generating prompt i
+      alone with row_ids=[i] reproduces its row of a batched call.
+    **overrides: GenerateConfig or SamplingConfig fields, e.g. temperature=0, max_new_tokens=64.
+
+  Returns:
+    GenerateOutput: tokens / logprobs [B, N], lengths / finish_reasons [B], the left-padded
+    prompts [B, P] and their mask and lengths; `.sequences`, `.sequence_mask`, `.completion_mask`.
+
+  `logprobs` are log_softmax(logits / T) over the full vocabulary (T = 1 when greedy), what
+  `token_logprobs` gives the trainer, also when top-k / top-p truncated the sampling
+  distribution: importance ratios built on them treat the sampler as untruncated (1/Z too large
+  for kept mass Z; see m1jax/generate/sampling.py). Use top_k=0, top_p=1 for RL.
+  """
+  config = config or GenerateConfig()
+  sampling_fields = {f.name for f in dataclasses.fields(SamplingConfig)}
+  config_fields = {f.name for f in dataclasses.fields(GenerateConfig)}
+  unknown = set(overrides) - sampling_fields - config_fields
+  if unknown:
+    raise ValueError(f"generate: unknown argument(s) {sorted(unknown)}; expected GenerateConfig "
+                     f"or SamplingConfig fields")
+  sampling_overrides = {k: v for k, v in overrides.items() if k in sampling_fields}
+  if sampling_overrides:
+    overrides = {k: v for k, v in overrides.items() if k not in sampling_fields}
+    overrides["sampling"] = dataclasses.replace(config.sampling, **sampling_overrides)
+  config = dataclasses.replace(config, **overrides)
+  config.validate_for(cfg)
+
+  if isinstance(prompts, (list, tuple)):
+    if prompt_mask is not None:
+      raise ValueError("prompt_mask: only for array prompts; token lists carry their lengths")
+    tokens, mask = _pack_prompts(prompts, config.pad_multiple, config.pad_id)
+  else:
+    tokens = jnp.asarray(prompts)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"prompts: expected int tokens [B, P]; got {tokens.dtype} {tokens.shape}")
+    mask = (jnp.ones(tokens.shape, bool) if prompt_mask is None
+            else jnp.asarray(prompt_mask).astype(bool))
+    if mask.shape != tokens.shape:
+      raise ValueError(f"prompt_mask: shape {mask.shape} differs from prompts {tokens.shape}")
+  tokens_np, mask_np = _on_host(tokens), _on_host(mask)
+  if mask_np is not None and not mask_np.any(axis=1).all():
+    empty = int(np.flatnonzero(~mask_np.any(axis=1))[0])
+    raise ValueError(f"prompt_mask: row {empty} has no prompt token")
+  if tokens_np is not None and mask_np is not None:
+    bad = mask_np & ((tokens_np < 0) | (tokens_np >= cfg.vocab_size))
+    if bad.any():
+      raise ValueError(f"prompts: token id {tokens_np[bad][0]} outside the vocabulary "
+                       f"[0, {cfg.vocab_size})")
+  batch = tokens.shape[0]
+
+  if key is None:
+    if not config.sampling.greedy:
+      raise ValueError("key: a PRNG key (or int seed) is required when temperature > 0")
+    key = 0
+  if isinstance(key, (int, np.integer)):
+    key = jax.random.key(int(key))
+  row_ids = jnp.arange(batch) if row_ids is None else jnp.asarray(row_ids)
+  row_ids = row_ids.astype(jnp.int32)
+  if row_ids.shape != (batch,):
+    raise ValueError(f"row_ids: expected shape ({batch},); got {row_ids.shape}")
+  return _generate_jit(cfg, config, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), key,
+                       row_ids)

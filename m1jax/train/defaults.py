@@ -1,0 +1,221 @@
+"""Every key a training config may set, with its default, and the checks run before training.
+
+Configs in configs/ start from `base_config()` and change values; `validate` rejects keys that are
+not here, wrong types and impossible values, naming the key (`--config.rl.loss.kind=grpo` style
+overrides are checked the same way after parsing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from m1jax import config as model_config
+from m1jax.rl import losses, rewards
+
+MODES = ("sft", "rl", "sft_rl")
+TASKS = ("arithmetic", "countdown", "jsonl")
+ADVANTAGES = ("grpo", "dr_grpo", "rloo", "batch_std")
+SCHEDULES = ("constant", "cosine")
+
+
+def _optimizer(learning_rate: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      learning_rate=learning_rate, schedule="constant", warmup_steps=0, final_lr_fraction=0.1,
+      b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, grad_clip=1.0))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.mode = "sft_rl"  # sft, rl, or sft then rl (the RL stage starts from the SFT checkpoint)
+  c.model = model_fields("tiny")
+  c.tokenizer = "byte"  # "byte" or a tokenizer.json path / directory
+  c.task = ml_collections.ConfigDict(dict(
+      name="arithmetic", jsonl_path="", eval_size=256, eval_fraction=0.1))
+  c.task.kwargs = ml_collections.ConfigDict()  # task difficulty knobs (m1jax.data.tasks)
+  c.reward = ml_collections.ConfigDict(dict(task=1.0, format=0.0))  # weighted reward components
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))  # -1: the rest
+  c.sft = ml_collections.ConfigDict(dict(
+      steps=200, batch_size=64, max_len=64, log_every=10, eval_every=0))
+  c.sft.optimizer = _optimizer(3e-3)
+  c.rl = ml_collections.ConfigDict(dict(
+      steps=100,
+      prompts_per_step=16,  # groups per generation batch
+      samples_per_prompt=8,  # G responses per prompt
+      updates_per_batch=1,  # mu: optimizer steps (minibatches) per generation batch
+      max_prompt_len=32,
+      max_new_tokens=32,
+      temperature=1.0,
+      top_p=1.0,
+      top_k=0,
+      advantage="grpo",
+      dynamic_sampling=True,  # drop groups whose rewards are all equal, refill from new prompts
+      max_sampling_rounds=4,  # generation batches tried per step to fill the batch
+      repetition_window=3000,  # M1 early truncation: stop after this many tokens with p > prob
+      repetition_prob=0.99,
+      init_from="",  # checkpoint dir of an SFT run; default: this run's SFT stage (mode sft_rl)
+      log_every=1,
+      eval_every=10,
+  ))
+  c.rl.overlong = ml_collections.ConfigDict(dict(enabled=False, max_length=32, cache_length=8))
+  c.rl.loss = ml_collections.ConfigDict(
+      {f.name: f.default for f in dataclasses.fields(losses.LossConfig)})
+  c.rl.optimizer = _optimizer(1e-3)
+  c.eval = ml_collections.ConfigDict(dict(batch_size=128, max_new_tokens=32))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=50, keep=2))
+  c.max_consecutive_nonfinite = 5  # stop (with a checkpoint) after this many skipped steps in a row
+  c.tensorboard = True
+  c.progress = True  # tqdm progress bar
+  return c
+
+
+# ModelConfig fields whose default is None, with the type a value must have.
+_OPTIONAL_MODEL_FIELDS = {"moe_capacity_factor": float, "bos_token_id": int, "eos_token_id": int}
+# With model.hf_dir, the architecture comes from the checkpoint and only these fields apply.
+COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lightning_impl", "attention_impl",
+                 "moe_impl", "moe_capacity_factor", "remat_policy")
+
+
+def model_fields(preset: str = "tiny", **changes) -> ml_collections.ConfigDict:
+  """Every ModelConfig field of `preset` (with `changes`), so each can be set from the command
+  line (--config.model.num_hidden_layers=8), plus hf_dir: a HF checkpoint to start from instead."""
+  cfg = model_config.preset(preset, **changes)
+  fields = ml_collections.ConfigDict()
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if value is None:
+      value = ml_collections.FieldReference(None, field_type=_OPTIONAL_MODEL_FIELDS[field.name])
+    fields[field.name] = value
+  fields.hf_dir = ""
+  return fields
+
+
+def model_from_config(model_cfg: ml_collections.ConfigDict) -> model_config.ModelConfig:
+  """The ModelConfig a config describes (from its fields, or from model.hf_dir plus COMPUTE_KNOBS)."""
+  values = {k: v for k, v in model_cfg.items() if k != "hf_dir"}
+  if model_cfg.hf_dir:
+    return model_config.ModelConfig.from_hf(model_cfg.hf_dir, **{k: values[k] for k in COMPUTE_KNOBS})
+  return model_config.ModelConfig(**values)
+
+
+def _paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in cfg.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, ml_collections.ConfigDict):
+      out[path] = value
+      out.update(_paths(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+# Sub-dicts whose keys are free-form (checked by what consumes them).
+_FREE_FORM = ("task.kwargs", "reward")
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first unknown key, mistyped value or impossible value."""
+  reference = _paths(base_config())
+  for path, value in _paths(cfg).items():
+    if any(path.startswith(p + ".") for p in _FREE_FORM):
+      continue
+    if path not in reference:
+      parent = _parent(path)
+      siblings = sorted(k.rsplit(".", 1)[-1] for k in reference if _parent(k) == parent)
+      raise ValueError(f"config.{path}: unknown key; known keys here: {siblings}")
+    expected = reference[path]
+    if expected is not None and value is not None and not _same_kind(expected, value):
+      raise ValueError(f"config.{path}={value!r}: expected {type(expected).__name__}")
+
+  def require(ok, path, msg):
+    if not ok:
+      raise ValueError(f"config.{path}={cfg_get(cfg, path)!r}: {msg}")
+
+  require(cfg.mode in MODES, "mode", f"must be one of {MODES}")
+  require(cfg.task.name in TASKS, "task.name", f"must be one of {TASKS}")
+  require(cfg.task.name != "jsonl" or cfg.task.jsonl_path, "task.jsonl_path", "required for task.name=jsonl")
+  require(cfg.task.eval_size > 0, "task.eval_size", "must be positive")
+  require(0 < cfg.task.eval_fraction < 1, "task.eval_fraction", "must be in (0, 1)")
+  if not cfg.model.hf_dir:
+    try:
+      model_from_config(cfg.model)
+    except ValueError as e:
+      raise ValueError(f"config.model: {e}") from None
+  for axis in ("data", "fsdp", "tensor", "expert"):
+    require(cfg.mesh[axis] == -1 or cfg.mesh[axis] >= 1, f"mesh.{axis}", "must be >= 1 or -1")
+  require(sum(cfg.mesh[a] == -1 for a in ("data", "fsdp", "tensor", "expert")) <= 1, "mesh",
+          "at most one axis may be -1")
+  for stage in ("sft", "rl"):
+    s = cfg[stage]
+    for key in ("steps", "log_every"):
+      require(s[key] >= 1, f"{stage}.{key}", "must be >= 1")
+    require(s.eval_every >= 0, f"{stage}.eval_every", "must be >= 0 (0: only at the start and end)")
+    o = s.optimizer
+    require(o.learning_rate > 0, f"{stage}.optimizer.learning_rate", "must be positive")
+    require(o.schedule in SCHEDULES, f"{stage}.optimizer.schedule", f"must be one of {SCHEDULES}")
+    require(0 <= o.b1 < 1, f"{stage}.optimizer.b1", "must be in [0, 1)")
+    require(0 <= o.b2 < 1, f"{stage}.optimizer.b2", "must be in [0, 1)")
+    require(o.eps >= 0, f"{stage}.optimizer.eps", "must be >= 0")
+    require(o.grad_clip >= 0, f"{stage}.optimizer.grad_clip", "must be >= 0 (0: off)")
+    require(o.warmup_steps >= 0, f"{stage}.optimizer.warmup_steps", "must be >= 0")
+    require(o.weight_decay >= 0, f"{stage}.optimizer.weight_decay", "must be >= 0")
+  require(cfg.sft.batch_size >= 1, "sft.batch_size", "must be >= 1")
+  require(cfg.sft.max_len >= 2, "sft.max_len", "must be >= 2")
+  r = cfg.rl
+  require(r.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
+  require(r.samples_per_prompt >= 2, "rl.samples_per_prompt", "group advantages need >= 2 samples")
+  require(r.updates_per_batch >= 1, "rl.updates_per_batch", "must be >= 1")
+  require((r.prompts_per_step * r.samples_per_prompt) % r.updates_per_batch == 0, "rl.updates_per_batch",
+          f"must divide prompts_per_step * samples_per_prompt = {r.prompts_per_step * r.samples_per_prompt}")
+  require(r.max_prompt_len >= 1, "rl.max_prompt_len", "must be >= 1")
+  require(r.max_new_tokens >= 1, "rl.max_new_tokens", "must be >= 1")
+  require(r.temperature > 0, "rl.temperature", "RL samples: must be > 0")
+  require(0 < r.top_p <= 1, "rl.top_p", "must be in (0, 1]")
+  require(r.top_k >= 0, "rl.top_k", "must be >= 0 (0: off)")
+  require(r.advantage in ADVANTAGES, "rl.advantage", f"must be one of {ADVANTAGES}")
+  require(r.max_sampling_rounds >= 1, "rl.max_sampling_rounds", "must be >= 1")
+  require(r.repetition_window >= 0, "rl.repetition_window", "must be >= 0 (0: off)")
+  require(0 <= r.repetition_prob < 1, "rl.repetition_prob", "must be in [0, 1)")
+  if r.overlong.enabled:
+    require(0 < r.overlong.cache_length < r.overlong.max_length, "rl.overlong.cache_length",
+            "must be in (0, rl.overlong.max_length)")
+  try:
+    losses.LossConfig(**r.loss.to_dict())
+  except ValueError as e:
+    raise ValueError(f"config.rl.loss: {e}") from None
+  require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+  require(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+  require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+  require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+  require(cfg.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
+  for key, weight in cfg.reward.items():
+    try:
+      rewards.get_reward_fn(key)
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"config.reward.{key}: {e}") from None
+    require(isinstance(weight, (int, float)) and weight >= 0, f"reward.{key}", "weights must be >= 0")
+  require(any(w > 0 for w in cfg.reward.values()), "reward", "needs a positive weight")
+
+
+def _same_kind(expected, value) -> bool:
+  if isinstance(expected, bool) or isinstance(value, bool):
+    return isinstance(expected, bool) and isinstance(value, bool)
+  if isinstance(expected, (int, float)):
+    return isinstance(value, (int, float)) and (isinstance(expected, float) or isinstance(value, int))
+  if isinstance(expected, ml_collections.ConfigDict):
+    return isinstance(value, ml_collections.ConfigDict)
+  return isinstance(value, type(expected))
+
+
+def _parent(path: str) -> str:
+  return path.rsplit(".", 1)[0] if "." in path else ""
+
+
+def cfg_get(cfg: ml_collections.ConfigDict, path: str):
+  for key in path.split("."):
+    cfg = cfg[key]
+  return cfg

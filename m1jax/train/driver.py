@@ -1,0 +1,82 @@
+"""Runs the stages a config asks for (SFT, RL, or SFT then RL) and summarises them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import logging
+
+from m1jax.train import defaults, run
+
+
+def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs config.mode ("sft", "rl", "sft_rl") in `workdir` (resuming what is there); returns a
+  summary dict (also written to workdir/summary.json)."""
+  from m1jax.rl import trainer as rl_trainer  # pylint: disable=g-import-not-at-top
+  from m1jax.train import sft  # pylint: disable=g-import-not-at-top
+  defaults.validate(config)
+  ctx = run.build_context(config, workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if ctx.is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  summary = {"workdir": os.path.abspath(workdir)}
+  sft_stage = None
+  if config.mode in ("sft", "sft_rl"):
+    sft_stage = sft.train(ctx)
+    summary["sft"] = _stage_summary(sft_stage.dir)
+  if config.mode in ("rl", "sft_rl"):
+    if config.rl.init_from:
+      init_params = lambda shardings: _params_from(ctx, config.rl.init_from)
+    elif sft_stage is not None:
+      init_params = lambda shardings: sft_stage.final_params()
+    else:
+      init_params = lambda shardings: run.initial_params(ctx, shardings)
+    rl_stage = rl_trainer.train(ctx, init_params)
+    summary["rl"] = _stage_summary(rl_stage.dir)
+  if ctx.is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return summary
+
+
+def _params_from(ctx: run.Context, stage_dir: str):
+  """Final params of another run's stage directory (e.g. a previous SFT run's workdir/sft)."""
+  from m1jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
+  optimizer = optimizer_lib.make_optimizer(ctx.config.sft.optimizer, ctx.config.sft.steps)
+  stage = run.Stage(ctx, "sft", ctx.config.sft.steps, optimizer, ctx.config.sft, directory=stage_dir)
+  if stage.checkpointer.latest_step() is None:
+    raise ValueError(f"config.rl.init_from={stage_dir!r}: no checkpoint found there")
+  return stage.final_params()
+
+
+def _stage_summary(stage_dir: str) -> dict:
+  """First and last held-out evaluation of a stage, from its metrics.jsonl."""
+  from m1jax.train import metrics  # pylint: disable=g-import-not-at-top
+  records = [r for r in metrics.read_jsonl(os.path.join(stage_dir, "metrics.jsonl")) if "eval/reward" in r]
+  if not records:
+    logging.warning("no evaluation records in %s", stage_dir)
+    return {}
+  first, last = records[0], records[-1]
+  keys = [k for k in first if k.startswith("eval/")]
+  return {"first_step": first["step"], "last_step": last["step"],
+          **{f"{k}@start": first[k] for k in keys}, **{f"{k}@end": last[k] for k in keys},
+          "time_s": last.get("time_s")}
+
+
+def format_summary(summary: dict) -> str:
+  """A few lines for the terminal: held-out reward before/after each stage and where outputs are."""
+  lines = [f"run directory: {summary['workdir']}"]
+  for stage in ("sft", "rl"):
+    s = summary.get(stage)
+    if not s:
+      continue
+    start, end = s.get("eval/reward@start"), s.get("eval/reward@end")
+    acc_start, acc_end = s.get("eval/accuracy@start"), s.get("eval/accuracy@end")
+    lines.append(
+        f"{stage}: held-out reward {start:.3f} -> {end:.3f} ({end - start:+.3f}), accuracy "
+        f"{acc_start:.3f} -> {acc_end:.3f}, steps {s['first_step']}..{s['last_step']}, "
+        f"{s.get('time_s') or 0:.0f} s; curves: {summary['workdir']}/{stage}/metrics.png")
+  return "\n".join(lines)

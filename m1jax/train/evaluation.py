@@ -1,0 +1,35 @@
+"""Held-out evaluation: greedy generation on eval prompts, scored by the task's reward."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from m1jax import generate
+from m1jax.data import pipeline
+from m1jax.rl import rewards
+from m1jax.train import run
+
+
+def evaluate(ctx: run.Context, params, examples: list, max_prompt_len: int) -> dict[str, float]:
+  """eval/reward: mean combined reward; eval/accuracy: mean task reward (correctness) — over the
+  held-out examples, greedy decoding; eval/length: mean response length."""
+  cfg = ctx.config.eval
+  gen_cfg = generate.GenerateConfig(
+      max_new_tokens=cfg.max_new_tokens, sampling=generate.SamplingConfig(temperature=0.0),
+      eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id, repetition_window=0)
+  batch_size = -(-cfg.batch_size // ctx.batch_devices) * ctx.batch_devices
+  task_reward = rewards.get_reward_fn("task")
+  totals = {"reward": [], "accuracy": [], "length": []}
+  for batch in pipeline.eval_prompt_batches(examples, ctx.tokenizer, batch_size=batch_size,
+                                            max_prompt_len=max_prompt_len):
+    out = generate.generate(ctx.model_cfg, params, run.to_global(batch.tokens, ctx.mesh), gen_cfg,
+                            prompt_mask=run.to_global(batch.mask, ctx.mesh))
+    tokens, lengths = run.to_host(out.tokens), run.to_host(out.lengths)
+    valid = np.asarray(batch.valid)
+    examples_b = list(batch.examples)
+    combined = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples_b, lengths=lengths)
+    correct = rewards.score_responses(task_reward, ctx.tokenizer, tokens, examples_b, lengths=lengths)
+    totals["reward"].append(combined.rewards[valid])
+    totals["accuracy"].append(correct.rewards[valid])
+    totals["length"].append(lengths[valid])
+  return {f"eval/{k}": float(np.mean(np.concatenate(v))) for k, v in totals.items()}

@@ -1,0 +1,44 @@
+"""Train state and its placement on a mesh."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from m1jax import model, sharding
+from m1jax.config import ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 []: optimizer steps taken (skipped non-finite ones included)
+  params: Any
+  opt_state: Any
+
+
+def create(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh) -> TrainState:
+  """NamedShardings for a TrainState: params by their logical axes, optimizer moments alike,
+  counters replicated."""
+  abstract_params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  param_shardings = sharding.param_shardings(model.logical_axes(cfg), abstract_params, mesh)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+  opt_shardings = optax.tree_map_params(
+      optimizer, lambda _, shard: shard, abstract_opt, param_shardings,
+      transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
+
+
+def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, shardings: TrainState):
+  """ShapeDtypeStructs (with shardings) of a TrainState: the restore target for checkpoints."""
+  shapes = jax.eval_shape(lambda: create(model.init(cfg, jax.random.key(0)), optimizer))
+  return jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),
+                      shapes, shardings)

@@ -1,0 +1,8 @@
+"""Pallas GPU kernels for m1jax (Triton lowering; `interpret=True` runs them on CPU)."""
+
+from pallas_kernels.lightning_attention import DEFAULT_CONFIG
+from pallas_kernels.lightning_attention import KernelConfig
+from pallas_kernels.lightning_attention import lightning_attention
+from pallas_kernels.lightning_attention import lightning_attention_decode
+
+__all__ = ["DEFAULT_CONFIG", "KernelConfig", "lightning_attention", "lightning_attention_decode"]

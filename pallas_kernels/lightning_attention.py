@@ -1,0 +1,441 @@
+"""Lightning attention as Pallas kernels (Triton lowering): forward, backward and decode.
+
+Per head with decay lambda = exp(-slope) and a float32 state that includes the current token:
+
+    S_t = lambda * S_{t-1} + k_t^T v_t,      o_t = q_t S_t.
+
+Every pass of the forward and the backward is one "sweep" of a decayed linear recurrence over
+a, b [T, Dk] and c [T, Dv], evaluated in blocks of C tokens (intra-block [(A B^T) * M] C_blk,
+inter-block (A * decay) X) with the carried state X kept on chip:
+
+    forward:  X_t = lambda X_{t-1} + b_t^T c_t,  out_t = a_t X_t,  X_{-1} = start, returns X_{T-1};
+    reverse:  G_t = lambda G_{t+1} + b_t^T c_t,  out_t = a_t G_t,  lambda G_T = start,
+              returns lambda G_0.
+
+With G_t = dL/dS_t (0-based t), the backward is three sweeps:
+
+    dq = forward(a=do, b=v,  c=k,  start S_init^T)           (X_t = S_t^T)
+    dv = reverse(a=k,  b=q,  c=do, start dS_final) -> dS_init
+    dk = reverse(a=v,  b=do, c=q,  start dS_final^T)          (state G_t^T).
+
+Parallelism: a program owns one value tile (`value_tile` columns of c) of one (batch, head) over
+one segment of the sequence. When B * H * tiles is too small to fill the GPU, the sequence is cut
+into segments: a first kernel computes each segment's local end state (from a zero start), and
+the sweep kernel, one program per segment, starts from the decayed sum of the earlier segments'
+local states. Only one [D, D] state per segment touches HBM; the forward keeps them for dq.
+
+`slope` is not differentiated (its cotangent is zero): it is a fixed per-layer constant in
+MiniMax-M1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Tiling of the sweep kernels.
+
+  Attributes:
+    block_size: tokens per block C (power of two >= 16; capped at T rounded up to a power of 2).
+    value_tile: value columns per program (power of two >= 16; capped at D).
+    min_programs: when B * H * tiles is below this, the sequence is cut into
+      ceil(min_programs / (B * H * tiles)) segments (at most one per block).
+    segment_len: explicit segment length in tokens (rounded up to a multiple of block_size);
+      overrides min_programs. A value >= T means one segment.
+    num_warps: Triton warps per program.
+    num_stages: Triton software-pipelining depth of the block loop. Each stage holds a block
+      of a, b and c in shared memory: block 128 x value tile 128 with 3 stages exceeds the
+      H200's 227 KiB (the compiler asked for 288 KiB); the default's blocks take 40 KiB a stage.
+  """
+  block_size: int = 64
+  value_tile: int = 64
+  min_programs: int = 128
+  segment_len: int | None = None
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+def _is_power_of_two(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def _next_power_of_two(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static tiling of one call, derived from the shapes and a KernelConfig."""
+  seq_len: int
+  block: int
+  value_tile: int
+  seg_len: int
+  num_segments: int
+  num_warps: int
+  num_stages: int
+
+
+def _plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelConfig) -> _Plan:
+  block = min(config.block_size, max(16, _next_power_of_two(seq_len)))
+  value_tile = min(config.value_tile, dim)
+  num_blocks = -(-seq_len // block)
+  if config.segment_len is not None:
+    blocks_per_seg = -(-config.segment_len // block)
+  else:
+    programs = batch * heads * (dim // value_tile)
+    wanted = min(num_blocks, max(1, -(-config.min_programs // programs)))
+    blocks_per_seg = -(-num_blocks // wanted)
+  blocks_per_seg = max(1, min(blocks_per_seg, num_blocks))
+  seg_len = blocks_per_seg * block
+  return _Plan(seq_len=seq_len, block=block, value_tile=value_tile, seg_len=seg_len,
+               num_segments=-(-seq_len // seg_len), num_warps=config.num_warps,
+               num_stages=config.num_stages)
+
+
+def _compute_dtype(dtype):
+  """Matmul operand dtype: 16-bit inputs feed the tensor cores, float32 stays float32."""
+  return jnp.dtype(dtype) if jnp.dtype(dtype).itemsize == 2 else jnp.dtype(_F32)
+
+
+def _dot(x, y, compute_dtype):
+  """x @ y with float32 accumulation; float32 operands stay IEEE float32 (not TF32)."""
+  precision = _HI if compute_dtype == jnp.dtype(_F32) else None
+  return jnp.dot(x.astype(compute_dtype), y.astype(compute_dtype), precision=precision,
+                 preferred_element_type=_F32)
+
+
+def _block_decays(a, pos, m, reverse):
+  """Per-row decays of one block of m valid tokens (rows >= m are padding).
+
+  Returns (out_decay [C], in_decay [C]): forward lambda^(i+1) and lambda^(m-1-i), the mirror
+  image in reverse. Exponents are clamped at 0 on padding rows to stay finite.
+  """
+  near, far = pos + 1, jnp.maximum(m - 1 - pos, 0)
+  out_exp, in_exp = (far, near) if reverse else (near, far)
+  return jnp.exp(-a * out_exp.astype(_F32)), jnp.exp(-a * in_exp.astype(_F32))
+
+
+def _block_loop_bounds(plan: _Plan):
+  """(segment start, number of blocks) of this program's segment."""
+  seg_start = pl.program_id(1) * plan.seg_len
+  seg_tokens = jnp.minimum(plan.seg_len, plan.seq_len - seg_start)
+  return seg_start, (seg_tokens + plan.block - 1) // plan.block
+
+
+def _load_block(ref, rows, valid):
+  return pltriton.load(ref.at[rows, :], mask=valid, other=0)
+
+
+def _segment_start_state(a, x0_ref, local_ref, plan: _Plan, reverse: bool):
+  """State before this program's segment (in sweep order): the sweep's start state and the
+  earlier segments' local states, each decayed over the tokens in between.
+
+  Forward, segment s: lambda^(s L) X0 + sum_{i<s} lambda^(i L) local[s-1-i]; reverse, mirrored
+  (the last segment is the only ragged one and it is never between two others).
+  """
+  x = x0_ref[...].astype(_F32)
+  if local_ref is None:
+    return x
+  seg = pl.program_id(1)
+  seg_len = plan.seg_len
+  if reverse:
+    x0_gap = plan.seq_len - jnp.minimum((seg + 1) * seg_len, plan.seq_len)
+    num_earlier = plan.num_segments - 1 - seg
+  else:
+    x0_gap = seg * seg_len
+    num_earlier = seg
+
+  def add(i, x):
+    r = seg + 1 + i if reverse else seg - 1 - i
+    return x + jnp.exp(-a * (i * seg_len).astype(_F32)) * local_ref[r]
+
+  return lax.fori_loop(0, num_earlier, add, jnp.exp(-a * x0_gap.astype(_F32)) * x)
+
+
+def _sweep_kernel(slope_ref, a_ref, b_ref, c_ref, x0_ref, *refs, plan: _Plan, reverse: bool):
+  """One value tile of one (batch, head) over one segment; writes out and the terminal state."""
+  local_ref, out_ref, x_end_ref = refs if len(refs) == 3 else (None, *refs)
+  a = slope_ref[...].astype(_F32)
+  cd = _compute_dtype(a_ref.dtype)
+  seg_start, num_blocks = _block_loop_bounds(plan)
+  pos = jnp.arange(plan.block, dtype=jnp.int32)
+  gap = (pos[None, :] - pos[:, None]) if reverse else (pos[:, None] - pos[None, :])
+  intra_mask = jnp.where(gap >= 0, jnp.exp(-a * jnp.maximum(gap, 0).astype(_F32)), 0.0)
+
+  def body(n, x):
+    blk = num_blocks - 1 - n if reverse else n
+    start = seg_start + blk * plan.block
+    m = jnp.minimum(plan.block, plan.seq_len - start)
+    rows = pl.ds(start, plan.block)
+    valid = (pos < m)[:, None]
+    a_blk = _load_block(a_ref, rows, valid)
+    b_blk = _load_block(b_ref, rows, valid)
+    c_blk = _load_block(c_ref, rows, valid)
+    out_decay, in_decay = _block_decays(a, pos, m, reverse)
+    scores = _dot(a_blk, b_blk.T, cd) * intra_mask
+    out = _dot(scores, c_blk, cd) + _dot(a_blk * out_decay[:, None], x, cd)
+    pltriton.store(out_ref.at[rows, :], out.astype(out_ref.dtype), mask=valid)
+    b_scaled = (b_blk * in_decay[:, None]).astype(cd)
+    return jnp.exp(-a * m.astype(_F32)) * x + _dot(b_scaled.T, c_blk, cd)
+
+  x = lax.fori_loop(0, num_blocks, body,
+                    _segment_start_state(a, x0_ref, local_ref, plan, reverse))
+  terminal = 0 if reverse else plan.num_segments - 1
+
+  @pl.when(pl.program_id(1) == terminal)
+  def _():
+    x_end_ref[...] = x
+
+
+def _segment_state_kernel(slope_ref, b_ref, c_ref, x_ref, *, plan: _Plan, reverse: bool):
+  """Local state of one segment from a zero start: sum_t lambda^(distance to the segment's end
+  (forward) or start (reverse)) b_t^T c_t over the segment's tokens."""
+  a = slope_ref[...].astype(_F32)
+  cd = _compute_dtype(b_ref.dtype)
+  seg_start, num_blocks = _block_loop_bounds(plan)
+  pos = jnp.arange(plan.block, dtype=jnp.int32)
+
+  def body(n, x):
+    blk = num_blocks - 1 - n if reverse else n
+    start = seg_start + blk * plan.block
+    m = jnp.minimum(plan.block, plan.seq_len - start)
+    rows = pl.ds(start, plan.block)
+    valid = (pos < m)[:, None]
+    b_blk = _load_block(b_ref, rows, valid)
+    c_blk = _load_block(c_ref, rows, valid)
+    _, in_decay = _block_decays(a, pos, m, reverse)
+    b_scaled = (b_blk * in_decay[:, None]).astype(cd)
+    return jnp.exp(-a * m.astype(_F32)) * x + _dot(b_scaled.T, c_blk, cd)
+
+  x_ref[...] = lax.fori_loop(0, num_blocks, body, jnp.zeros(x_ref.shape, _F32))
+
+
+def _grid(plan: _Plan, batch: int, heads: int, dim_v: int):
+  # Value tiles vary fastest, so programs that share a block of a and b run side by side.
+  return (dim_v // plan.value_tile, plan.num_segments, heads, batch)
+
+
+def _full_seq_spec(seq_len, dim):
+  return pl.BlockSpec((None, seq_len, None, dim), lambda j, s, h, b: (b, 0, h, 0))
+
+
+def _tiled_seq_spec(seq_len, tile):
+  return pl.BlockSpec((None, seq_len, None, tile), lambda j, s, h, b: (b, 0, h, j))
+
+
+def _slope_spec():
+  return pl.BlockSpec((None,), lambda j, s, h, b: (h,))
+
+
+def _compiler_params(plan: _Plan):
+  return pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+
+
+def _segment_states(b, c, slope, plan: _Plan, reverse: bool, interpret: bool):
+  """Each segment's local state from a zero start. b [B, T, H, Dk], c [B, T, H, Dv] ->
+  [B, H, N, Dk, Dv] float32 for N segments."""
+  batch, seq_len, heads, dim_k = b.shape
+  dim_v = c.shape[-1]
+  return pl.pallas_call(
+      functools.partial(_segment_state_kernel, plan=plan, reverse=reverse),
+      grid=_grid(plan, batch, heads, dim_v),
+      in_specs=[_slope_spec(), _full_seq_spec(seq_len, dim_k),
+                _tiled_seq_spec(seq_len, plan.value_tile)],
+      out_specs=pl.BlockSpec((None, None, None, dim_k, plan.value_tile),
+                             lambda j, s, h, b: (b, h, s, 0, j)),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, plan.num_segments, dim_k, dim_v), _F32),
+      compiler_params=_compiler_params(plan),
+      interpret=interpret,
+      name="lightning_segment_states",
+  )(slope, b, c)
+
+
+def _sweep(a, b, c, slope, x0, plan: _Plan, *, reverse: bool, interpret: bool, local=None):
+  """Chunked decayed recurrence (module docstring). a, b [B, T, H, Dk]; c [B, T, H, Dv];
+  slope [H]; x0 [B, H, Dk, Dv] float32 start state -> (out [B, T, H, Dv] in a.dtype, terminal
+  state [B, H, Dk, Dv] float32, segments' local states [B, H, N, Dk, Dv] or None if N == 1).
+  `local` skips computing the local states when the caller has them."""
+  batch, seq_len, heads, dim_k = a.shape
+  dim_v = c.shape[-1]
+  state_tile = (dim_k, plan.value_tile)
+  in_specs = [
+      _slope_spec(),
+      _full_seq_spec(seq_len, dim_k),
+      _full_seq_spec(seq_len, dim_k),
+      _tiled_seq_spec(seq_len, plan.value_tile),
+      pl.BlockSpec((None, None, *state_tile), lambda j, s, h, b: (b, h, 0, j)),
+  ]
+  operands = [slope, a, b, c, x0]
+  if plan.num_segments > 1:
+    if local is None:
+      local = _segment_states(b, c, slope, plan, reverse, interpret)
+    in_specs.append(pl.BlockSpec((None, None, plan.num_segments, *state_tile),
+                                 lambda j, s, h, b: (b, h, 0, 0, j)))
+    operands.append(local)
+  else:
+    local = None
+  out, x_end = pl.pallas_call(
+      functools.partial(_sweep_kernel, plan=plan, reverse=reverse),
+      grid=_grid(plan, batch, heads, dim_v),
+      in_specs=in_specs,
+      out_specs=[
+          _tiled_seq_spec(seq_len, plan.value_tile),
+          pl.BlockSpec((None, None, *state_tile), lambda j, s, h, b: (b, h, 0, j)),
+      ],
+      out_shape=[jax.ShapeDtypeStruct((batch, seq_len, heads, dim_v), a.dtype),
+                 jax.ShapeDtypeStruct((batch, heads, dim_k, dim_v), _F32)],
+      compiler_params=_compiler_params(plan),
+      interpret=interpret,
+      name="lightning_sweep_reverse" if reverse else "lightning_sweep",
+  )(*operands)
+  return out, x_end, local
+
+
+def _transpose_state(x):
+  return None if x is None else jnp.swapaxes(x, -1, -2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _lightning(q, k, v, slope, initial_state, plan: _Plan, interpret: bool):
+  o, final_state, _ = _sweep(q, k, v, slope, initial_state, plan, reverse=False,
+                             interpret=interpret)
+  return o, final_state
+
+
+def _lightning_fwd(q, k, v, slope, initial_state, plan, interpret):
+  o, final_state, local = _sweep(q, k, v, slope, initial_state, plan, reverse=False,
+                                 interpret=interpret)
+  return (o, final_state), (q, k, v, slope, initial_state, local)
+
+
+def _lightning_bwd(plan, interpret, residuals, cotangents):
+  q, k, v, slope, initial_state, local = residuals
+  do, d_final = cotangents
+  do = do.astype(q.dtype)
+  d_final = d_final.astype(_F32)
+  sweep = functools.partial(_sweep, slope=slope, plan=plan, interpret=interpret)
+  dq, _, _ = sweep(do, v, k, x0=_transpose_state(initial_state), reverse=False,
+                   local=_transpose_state(local))
+  dv, d_initial, local_reverse = sweep(k, q, do, x0=d_final, reverse=True)
+  dk, _, _ = sweep(v, do, q, x0=_transpose_state(d_final), reverse=True,
+                   local=_transpose_state(local_reverse))
+  return dq, dk, dv, jnp.zeros_like(slope), d_initial
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+def _check_backend(interpret: bool):
+  if not interpret and jax.default_backend() != "gpu":
+    raise ValueError(f"interpret=False needs a GPU backend (Triton lowering); the default backend "
+                     f"is {jax.default_backend()!r}: pass interpret=True to run on it")
+
+
+def _check_dim(name: str, value: int):
+  if not _is_power_of_two(value) or value < 16:
+    raise ValueError(f"{name} must be a power of two >= 16; got {value}")
+
+
+def _check_inputs(q, k, v, slope, initial_state, config: KernelConfig):
+  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(f"q, k, v must all be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+  if q.dtype != k.dtype or q.dtype != v.dtype or jnp.dtype(q.dtype) not in _DTYPES:
+    raise ValueError(f"q, k, v must share one dtype among bfloat16, float16, float32; got "
+                     f"{q.dtype}, {k.dtype}, {v.dtype}")
+  batch, _, heads, dim = q.shape
+  _check_dim("head dim D", dim)
+  _check_dim("config.block_size", config.block_size)
+  _check_dim("config.value_tile", config.value_tile)
+  if config.segment_len is not None and config.segment_len <= 0:
+    raise ValueError(f"config.segment_len must be positive; got {config.segment_len}")
+  if slope.shape != (heads,):
+    raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
+  if initial_state is not None and initial_state.shape != (batch, heads, dim, dim):
+    raise ValueError(f"initial_state must be [B, H, D, D]={[batch, heads, dim, dim]}; got "
+                     f"{initial_state.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "config"))
+def lightning_attention(q, k, v, slope, initial_state=None, *, interpret: bool = False,
+                        config: KernelConfig = DEFAULT_CONFIG):
+  """Lightning attention, differentiable in q, k, v and initial_state.
+
+  Args:
+    q, k, v: [B, T, H, D] in bfloat16, float16 or float32 (one dtype); any T; D a power of 2.
+    slope: [H]; the decay per token is exp(-slope). Not differentiated (zero cotangent).
+    initial_state: [B, H, D, D] (float32 accumulation) or None for zeros.
+    interpret: run the kernels in the Pallas interpreter (CPU tests).
+    config: tiling (KernelConfig).
+
+  Returns:
+    o [B, T, H, D] in q.dtype and the final state [B, H, D, D] in float32.
+  """
+  _check_backend(interpret)
+  _check_inputs(q, k, v, slope, initial_state, config)
+  batch, seq_len, heads, dim = q.shape
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, dim, dim), _F32)
+  plan = _plan(batch, seq_len, heads, dim, config)
+  return _lightning(q, k, v, slope.astype(_F32), initial_state.astype(_F32), plan, interpret)
+
+
+def _decode_kernel(slope_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref):
+  decay = jnp.exp(-slope_ref[...].astype(_F32))
+  q = q_ref[...].astype(_F32)
+  k = k_ref[...].astype(_F32)
+  v = v_ref[...].astype(_F32)
+  state = decay * state_ref[...] + k[:, None] * v[None, :]
+  o_ref[...] = jnp.sum(q[:, None] * state, axis=0).astype(o_ref.dtype)
+  new_state_ref[...] = state
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "value_tile", "num_warps"))
+def lightning_attention_decode(q, k, v, slope, state, *, interpret: bool = False,
+                               value_tile: int = 64, num_warps: int = 4):
+  """One token per sequence. q, k, v [B, H, D]; slope [H]; state [B, H, D, D] float32.
+
+  Returns (o [B, H, D] in q.dtype, new state [B, H, D, D] float32). The new state aliases the
+  old one's buffer: donate `state` (jax.jit donate_argnums) to update it in place.
+  """
+  _check_backend(interpret)
+  if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(f"q, k, v must all be [B, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+  batch, heads, dim = q.shape
+  _check_dim("head dim D", dim)
+  _check_dim("value_tile", value_tile)
+  if slope.shape != (heads,):
+    raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
+  if state.shape != (batch, heads, dim, dim):
+    raise ValueError(f"state must be [B, H, D, D]={[batch, heads, dim, dim]}; got {state.shape}")
+  tile = min(value_tile, dim)
+  vec = pl.BlockSpec((None, None, dim), lambda j, h, b: (b, h, 0))
+  vec_tile = pl.BlockSpec((None, None, tile), lambda j, h, b: (b, h, j))
+  state_spec = pl.BlockSpec((None, None, dim, tile), lambda j, h, b: (b, h, 0, j))
+  return pl.pallas_call(
+      _decode_kernel,
+      grid=(dim // tile, heads, batch),
+      in_specs=[pl.BlockSpec((None,), lambda j, h, b: (h,)), vec, vec, vec_tile, state_spec],
+      out_specs=[vec_tile, state_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(state.shape, _F32)],
+      input_output_aliases={4: 1},
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
+      interpret=interpret,
+      name="lightning_decode",
+  )(slope.astype(_F32), q, k, v, state.astype(_F32))

@@ -1,0 +1,125 @@
+"""Sampling: greedy is argmax, top-k / top-p stay inside their sets and match their distributions.
+
+Statistical checks draw 8000 tokens with a fixed seed; a frequency's standard error is at most
+sqrt(0.25 / 8000) = 0.0056, so 0.025 (4.5 standard errors) is a safe yet discriminating bound.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m1jax import generate
+
+V = 12
+DRAWS = 8000
+FREQ_ATOL = 0.025
+LOGITS = jnp.asarray(np.random.default_rng(0).normal(0.0, 1.5, V), jnp.float32)
+
+
+def _draw(config, logits=LOGITS, seed=0):
+  keys = jax.random.split(jax.random.key(seed), DRAWS)
+  batch = jnp.broadcast_to(logits, (DRAWS, V))
+  return np.asarray(jax.jit(generate.sample, static_argnums=2)(batch, keys, config))
+
+
+def _frequencies(samples):
+  return np.bincount(samples, minlength=V) / len(samples)
+
+
+def _renormalised(probs, allowed):
+  p = np.where(allowed, probs, 0.0)
+  return p / p.sum()
+
+
+def _probs(temperature=1.0):
+  scaled = np.asarray(LOGITS, np.float64) / temperature
+  return np.exp(scaled - scaled.max()) / np.exp(scaled - scaled.max()).sum()
+
+
+def test_temperature_zero_is_argmax_and_needs_no_randomness():
+  logits = jax.random.normal(jax.random.key(1), (16, 50))
+  keys = jax.random.split(jax.random.key(2), 16)
+  tokens = generate.sample(logits, keys, generate.SamplingConfig(temperature=0.0))
+  np.testing.assert_array_equal(tokens, np.argmax(logits, axis=-1))
+  other = generate.sample(logits, jax.random.split(jax.random.key(3), 16),
+                          generate.SamplingConfig(temperature=0.0))
+  np.testing.assert_array_equal(other, tokens)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_temperature_sampling_matches_softmax(temperature):
+  freq = _frequencies(_draw(generate.SamplingConfig(temperature)))
+  np.testing.assert_allclose(freq, _probs(temperature), rtol=0, atol=FREQ_ATOL)
+
+
+@pytest.mark.parametrize("top_k", [1, 3, 5])
+def test_top_k_never_leaves_the_k_most_likely(top_k):
+  samples = _draw(generate.SamplingConfig(1.0, top_k=top_k))
+  allowed = np.zeros(V, bool)
+  allowed[np.argsort(-np.asarray(LOGITS))[:top_k]] = True
+  assert set(samples.tolist()) == set(np.flatnonzero(allowed).tolist())  # inside and all reached
+  np.testing.assert_allclose(_frequencies(samples), _renormalised(_probs(), allowed), rtol=0,
+                             atol=FREQ_ATOL)
+
+
+def _nucleus(probs, top_p):
+  order = np.argsort(-probs)
+  mass_before = np.cumsum(probs[order]) - probs[order]
+  allowed = np.zeros(len(probs), bool)
+  allowed[order[mass_before < top_p]] = True
+  return allowed
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.6, 0.9])
+def test_top_p_never_leaves_the_nucleus(top_p):
+  allowed = _nucleus(_probs(), top_p)
+  assert 1 <= allowed.sum() < V
+  samples = _draw(generate.SamplingConfig(1.0, top_p=top_p))
+  assert set(samples.tolist()) == set(np.flatnonzero(allowed).tolist())
+  np.testing.assert_allclose(_frequencies(samples), _renormalised(_probs(), allowed), rtol=0,
+                             atol=FREQ_ATOL)
+
+
+def test_top_k_then_top_p_with_temperature():
+  # top-p applies to the renormalised top-k distribution of logits / T.
+  temperature, top_k, top_p = 0.8, 3, 0.7
+  probs = _probs(temperature)
+  in_top_k = np.zeros(V, bool)
+  in_top_k[np.argsort(-probs)[:top_k]] = True
+  allowed = _nucleus(_renormalised(probs, in_top_k), top_p) & in_top_k
+  assert not np.array_equal(allowed, _nucleus(probs, top_p) & in_top_k)  # the order matters here
+  samples = _draw(generate.SamplingConfig(temperature, top_k=top_k, top_p=top_p))
+  assert set(samples.tolist()) == set(np.flatnonzero(allowed).tolist())
+  np.testing.assert_allclose(_frequencies(samples), _renormalised(probs, allowed), rtol=0,
+                             atol=FREQ_ATOL)
+
+
+def test_same_keys_same_tokens_and_rows_use_only_their_key():
+  config = generate.SamplingConfig(1.0, top_p=0.95)
+  logits = jax.random.normal(jax.random.key(4), (6, 40))
+  keys = jax.random.split(jax.random.key(5), 6)
+  tokens = generate.sample(logits, keys, config)
+  np.testing.assert_array_equal(generate.sample(logits, keys, config), tokens)
+  alone = [int(generate.sample(logits[b:b + 1], keys[b:b + 1], config)[0]) for b in range(6)]
+  np.testing.assert_array_equal(alone, tokens)
+
+
+def test_token_logprobs_are_full_vocab_temperature_scaled():
+  # Float32 log-softmax of 40 logits against float64: a few ulp.
+  logits = jax.random.normal(jax.random.key(6), (3, 40)) * 3
+  tokens = jnp.array([0, 17, 39])
+  for temperature, effective in ((0.0, 1.0), (1.0, 1.0), (0.6, 0.6)):
+    scaled = np.asarray(logits, np.float64) / effective
+    log_z = np.log(np.exp(scaled).sum(-1))
+    expected = scaled[np.arange(3), tokens] - log_z
+    np.testing.assert_allclose(generate.token_logprobs(logits, tokens, temperature), expected,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_filter_logits_keeps_ties_and_the_top_token():
+  logits = jnp.array([[2.0, 1.0, 1.0, 0.0], [5.0, 0.0, 0.0, 0.0]])
+  kept = np.isfinite(generate.filter_logits(logits, top_k=2))
+  np.testing.assert_array_equal(kept, [[True, True, True, False], [True, True, True, True]])
+  kept = np.isfinite(generate.filter_logits(logits, top_p=1e-3))
+  np.testing.assert_array_equal(kept, [[True, False, False, False], [True, False, False, False]])

@@ -1,0 +1,214 @@
+"""Pallas lightning attention kernels vs the token-by-token recurrence (m1jax.ops.lightning).
+
+CPU tests run the kernels with interpret=True on small shapes; the tests marked `gpu` run the same
+checks compiled through Triton at D = 64 and 128. Errors are norm-wise, ||got - ref|| / ||ref||.
+Tolerances: float32 inputs 1e-5 (float32 arithmetic throughout, rounding ~1e-7 times the length of
+the decay sums); bfloat16 inputs 1e-2 (matmul operands and outputs rounded to bfloat16, 2^-9
+relative each).
+"""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m1jax.ops import lightning as reference
+from pallas_kernels import KernelConfig
+from pallas_kernels import lightning_attention
+from pallas_kernels import lightning_attention_decode
+
+kernel_module = importlib.import_module("pallas_kernels.lightning_attention")
+
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+# Heads with a strong decay (lambda = 0.135), a moderate one and a near-1 one (0.9999).
+SLOPES = (2.0, 0.05, 1e-4)
+# Small tiles for the interpreter: 3 segments of 16 tokens over T = 40 (the last block is ragged).
+CPU_SEGMENTED = KernelConfig(block_size=16, value_tile=16, segment_len=16)
+CPU_ONE_SEGMENT = KernelConfig(block_size=16, value_tile=32, segment_len=1 << 20)
+
+
+def _rel_err(got, want):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert np.all(np.isfinite(got)), "non-finite values in the kernel output"
+  return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _inputs(seed, batch, seq_len, dim, dtype, with_state=True):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  shape = (batch, seq_len, len(SLOPES), dim)
+  q, k, v = (jax.random.normal(key, shape, jnp.float32) * dim ** -0.25 for key in keys[:3])
+  state = (jax.random.normal(keys[3], (batch, len(SLOPES), dim, dim), jnp.float32)
+           if with_state else None)
+  return q.astype(dtype), k.astype(dtype), v.astype(dtype), jnp.array(SLOPES, jnp.float32), state
+
+
+def _check_forward(dtype, batch, seq_len, dim, config, interpret, with_state=True, seed=0):
+  q, k, v, slope, state = _inputs(seed, batch, seq_len, dim, dtype, with_state)
+  o, final = lightning_attention(q, k, v, slope, state, interpret=interpret, config=config)
+  o_ref, final_ref = reference.lightning_attention_recurrent(q, k, v, slope, state)
+  assert o.dtype == q.dtype and final.dtype == jnp.float32
+  assert o.shape == q.shape and final.shape == final_ref.shape
+  assert _rel_err(o, o_ref) <= TOL[dtype]
+  assert _rel_err(final, final_ref) <= TOL[dtype]
+
+
+def _check_vjp(dtype, batch, seq_len, dim, config, interpret, seed=1):
+  q, k, v, slope, state = _inputs(seed, batch, seq_len, dim, dtype)
+  keys = jax.random.split(jax.random.key(seed + 100), 2)
+  d_o = jax.random.normal(keys[0], q.shape, jnp.float32).astype(dtype)
+  d_final = jax.random.normal(keys[1], state.shape, jnp.float32)
+
+  def kernel(q, k, v, slope, state):
+    return lightning_attention(q, k, v, slope, state, interpret=interpret, config=config)
+
+  _, vjp = jax.vjp(kernel, q, k, v, slope, state)
+  _, vjp_ref = jax.vjp(reference.lightning_attention_recurrent, q, k, v, slope, state)
+  grads, grads_ref = vjp((d_o, d_final)), vjp_ref((d_o, d_final))
+  for name, got, want in zip(("dq", "dk", "dv"), grads[:3], grads_ref[:3]):
+    assert got.dtype == dtype, name
+    assert _rel_err(got, want) <= TOL[dtype], name
+  np.testing.assert_array_equal(grads[3], np.zeros(len(SLOPES)))  # slope is not differentiated
+  assert _rel_err(grads[4], grads_ref[4]) <= TOL[dtype], "d initial_state"
+
+
+def _check_decode(dtype, batch, dim, interpret, value_tile, seed=2):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  shape = (batch, len(SLOPES), dim)
+  q, k, v = (jax.random.normal(key, shape, jnp.float32).astype(dtype) for key in keys[:3])
+  state = jax.random.normal(keys[3], (batch, len(SLOPES), dim, dim), jnp.float32)
+  slope = jnp.array(SLOPES, jnp.float32)
+  o_ref, state_ref = reference.lightning_decode_step(q, k, v, slope, state)
+  o, new_state = lightning_attention_decode(q, k, v, slope, state, interpret=interpret,
+                                            value_tile=value_tile)
+  assert o.dtype == dtype and new_state.dtype == jnp.float32
+  assert _rel_err(o, o_ref) <= TOL[dtype]
+  assert _rel_err(new_state, state_ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("config", [CPU_SEGMENTED, CPU_ONE_SEGMENT], ids=["segments", "one"])
+def test_forward_matches_recurrent(dtype, config):
+  _check_forward(dtype, batch=2, seq_len=40, dim=32, config=config, interpret=True)
+
+
+def test_forward_without_initial_state():
+  _check_forward(jnp.float32, batch=1, seq_len=24, dim=16, config=CPU_SEGMENTED, interpret=True,
+                 with_state=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_vjp_matches_recurrent(dtype):
+  _check_vjp(dtype, batch=2, seq_len=40, dim=32, config=CPU_SEGMENTED, interpret=True)
+
+
+def test_vjp_one_segment():
+  _check_vjp(jnp.float32, batch=1, seq_len=40, dim=32, config=CPU_ONE_SEGMENT, interpret=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_matches_reference(dtype):
+  _check_decode(dtype, batch=3, dim=32, interpret=True, value_tile=16)
+
+
+def test_decode_chain_matches_forward():
+  """Token-by-token decode reproduces the chunked forward's outputs and final state."""
+  q, k, v, slope, state = _inputs(3, 2, 6, 16, jnp.float32)
+  o_full, final_full = lightning_attention(q, k, v, slope, state, interpret=True,
+                                           config=CPU_SEGMENTED)
+  outs = []
+  for t in range(q.shape[1]):
+    o_t, state = lightning_attention_decode(q[:, t], k[:, t], v[:, t], slope, state,
+                                            interpret=True)
+    outs.append(o_t)
+  assert _rel_err(jnp.stack(outs, axis=1), o_full) <= TOL[jnp.float32]
+  assert _rel_err(state, final_full) <= TOL[jnp.float32]
+
+
+@pytest.mark.parametrize("case", ["shape", "dtype", "dim", "slope", "state", "block"])
+def test_bad_inputs_raise(case):
+  q, k, v, slope, state = _inputs(4, 1, 8, 16, jnp.float32)
+  config = CPU_SEGMENTED
+  if case == "shape":
+    k = k[:, :4]
+  elif case == "dtype":
+    v = v.astype(jnp.bfloat16)
+  elif case == "dim":
+    q, k, v = (x[..., :12] for x in (q, k, v))
+  elif case == "slope":
+    slope = slope[:2]
+  elif case == "state":
+    state = state[:, :, :8]
+  else:
+    config = KernelConfig(block_size=24)
+  with pytest.raises(ValueError):
+    lightning_attention(q, k, v, slope, state, interpret=True, config=config)
+
+
+def test_compiled_mode_needs_gpu(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  q, k, v, slope, state = _inputs(5, 1, 8, 16, jnp.float32)
+  with pytest.raises(ValueError, match="interpret"):
+    lightning_attention(q, k, v, slope, state)
+  with pytest.raises(ValueError, match="interpret"):
+    lightning_attention_decode(q[:, 0], k[:, 0], v[:, 0], slope, state)
+
+
+def test_lowers_to_triton_for_cuda(monkeypatch):
+  """The forward (2 kernels), backward (4 more) and decode (1) lower to Triton custom calls."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  batch, seq_len, heads, dim = 2, 1000, 4, 128
+  x = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), jnp.bfloat16)
+  slope = jax.ShapeDtypeStruct((heads,), jnp.float32)
+  state = jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)
+
+  def fwd_bwd(q, k, v, slope, state):
+    outs, vjp = jax.vjp(lambda *a: lightning_attention(*a, slope, state), q, k, v)
+    return vjp(outs)
+
+  def num_triton_calls(fn, *args):
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return text.count("xla.gpu.triton")
+
+  assert num_triton_calls(fwd_bwd, x, x, x, slope, state) == 6
+  token = jax.ShapeDtypeStruct((batch, heads, dim), jnp.bfloat16)
+  assert num_triton_calls(lightning_attention_decode, token, token, token, slope, state) == 1
+
+
+GPU_CONFIGS = [KernelConfig(), KernelConfig(block_size=64, value_tile=64, segment_len=128),
+               KernelConfig(block_size=128, value_tile=128, num_warps=8, num_stages=2,
+                            segment_len=1 << 20)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_forward_matches_recurrent(dtype, dim):
+  _check_forward(dtype, batch=2, seq_len=300, dim=dim, config=GPU_CONFIGS[0], interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS[1:], ids=["segments", "one"])
+def test_gpu_forward_other_tilings(config):
+  _check_forward(jnp.bfloat16, batch=2, seq_len=300, dim=128, config=config, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_vjp_matches_recurrent(dtype, dim):
+  _check_vjp(dtype, batch=2, seq_len=300, dim=dim, config=GPU_CONFIGS[0], interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", GPU_CONFIGS[1:], ids=["segments", "one"])
+def test_gpu_vjp_other_tilings(config):
+  _check_vjp(jnp.bfloat16, batch=2, seq_len=300, dim=128, config=config, interpret=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dim", [64, 128])
+def test_gpu_decode_matches_reference(dtype, dim):
+  _check_decode(dtype, batch=5, dim=dim, interpret=False, value_tile=64)

@@ -1,0 +1,185 @@
+"""The training driver: config checks, SFT and RL loops, resume, non-finite handling, sharding."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m1jax import model, sharding
+from m1jax.rl import losses, rewards, trainer as rl_trainer
+from m1jax.train import defaults, driver, optimizer as optimizer_lib, run
+from m1jax.train import state as state_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _micro(**changes):
+  spec = importlib.util.spec_from_file_location("micro_config", os.path.join(ROOT, "tests/train/micro_config.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for path, value in changes.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def _digit_share(text, example):
+  """A dense test reward: the share of digits in the response, so random models get signal."""
+  del example
+  return sum(ch.isdigit() for ch in text) / max(len(text), 1)
+
+
+rewards.register_reward("test_digit_share", _digit_share)
+
+
+def _records(workdir, stage):
+  with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
+    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in f]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--config.rl.stepz=3"], "stepz"),
+    (["--config.rl.steps=abc"], "invalid literal for int"),
+    (["--config.rl.loss.kind=ppo2"], "kind='ppo2'"),
+    (["--config.rl.samples_per_prompt=1"], "samples_per_prompt=1"),
+    (["--config.model.num_key_value_heads=3"], "num_key_value_heads=3"),
+    (["--config.rl.loss.is_ratio_cap=0.5"], "is_ratio_cap"),
+])
+def test_bad_configs_fail_fast_naming_the_key(override, message, tmp_path):
+  start = time.time()
+  result = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/demo.py",
+                           f"--workdir={tmp_path}", *override], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+  elapsed = time.time() - start
+  assert result.returncode != 0
+  assert message in result.stdout + result.stderr
+  assert elapsed < 5.0, f"took {elapsed:.1f} s"  # the issue's limit
+  assert not os.listdir(tmp_path)  # nothing was started
+
+
+def test_base_and_shipped_configs_validate():
+  for name in ("configs/demo.py",) + tuple(
+      os.path.join("configs", d, f) for d in ("rl", "sft")
+      for f in sorted(os.listdir(os.path.join(ROOT, "configs", d))) if f.endswith(".py")):
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    defaults.validate(config)
+    assert "python -m experiments.train --config=" + name in module.__doc__, name
+
+
+def test_sft_learns_and_writes_outputs(tmp_path):
+  summary = driver.run_from_config(_micro(**{"mode": "sft", "sft.steps": 12}), str(tmp_path))
+  records = _records(tmp_path, "sft")
+  assert [r["step"] for r in records] == list(range(13))
+  losses_ = [r["nll"] for r in records if "nll" in r]
+  assert losses_[-1] < 0.7 * losses_[0]  # 12 steps on demonstrations: the NLL falls clearly
+  assert "eval/accuracy@end" in summary["sft"]
+  for name in ("metrics.png", "tensorboard", "checkpoints"):
+    assert os.path.exists(tmp_path / "sft" / name)
+  assert "held-out reward" in driver.format_summary(summary)
+
+
+def test_rl_resume_after_interrupt_matches_straight_run(tmp_path, monkeypatch):
+  config = _micro(**{"reward.task": 0.0})
+  config.reward.test_digit_share = 1.0
+  driver.run_from_config(config, str(tmp_path / "straight"))
+  straight = _records(tmp_path / "straight", "rl")
+  assert len({r["reward"] for r in straight if "reward" in r}) > 1  # a non-trivial run
+  assert any(r["grad_norm"] > 0 for r in straight if "grad_norm" in r)
+
+  original_log = run.Stage.log
+
+  def log_then_interrupt(self, step, metrics, postfix=()):
+    original_log(self, step, metrics, postfix)
+    if step == 3:
+      raise KeyboardInterrupt  # as Ctrl-C would, after step 3's metrics are written
+
+  with monkeypatch.context() as m:
+    m.setattr(run.Stage, "log", log_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+      driver.run_from_config(config, str(tmp_path / "resumed"))
+  assert max(r["step"] for r in _records(tmp_path / "resumed", "rl")) == 3
+  driver.run_from_config(config, str(tmp_path / "resumed"))  # same workdir: resumes at step 3
+  assert _records(tmp_path / "resumed", "rl") == straight
+
+
+def test_grpo_runs_the_same_way(tmp_path):
+  summary = driver.run_from_config(_micro(**{"rl.loss.kind": "grpo", "rl.steps": 2}), str(tmp_path))
+  assert summary["rl"]["last_step"] == 2
+
+
+def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, monkeypatch):
+  config = _micro(**{"reward.task": 0.0})
+  config.reward.test_digit_share = 1.0
+  monkeypatch.setattr(rl_trainer, "compute_advantages",
+                      lambda kind, r, g, n: np.full(r.shape, np.nan, np.float32))
+  with pytest.raises(run.NonFiniteError, match="2 consecutive steps had a non-finite"):
+    driver.run_from_config(config, str(tmp_path))
+  records = _records(tmp_path, "rl")
+  assert [r["skipped"] for r in records if "skipped" in r] == [1.0]  # step 1 (2 updates, both skipped)
+  checkpoints = os.listdir(tmp_path / "rl" / "checkpoints")
+  assert "1" in checkpoints
+
+
+def test_rl_update_on_8_devices_equals_one_device():
+  config = _micro()
+  ctx = run.build_context(config, "/unused")
+  cfg = ctx.model_cfg
+  loss_cfg = losses.LossConfig(kind="cispo")
+  opt = optimizer_lib.make_optimizer(config.rl.optimizer, 10)
+  params = model.init(cfg, jax.random.key(0))
+  n, p, l = 8, 6, 5
+  ks = jax.random.split(jax.random.key(1), 4)
+  sequences = jax.random.randint(ks[0], (n, p + l), 0, cfg.vocab_size)
+  seq_mask = jnp.arange(p + l)[None] >= jax.random.randint(ks[1], (n, 1), 0, 3)
+  batch = rl_trainer.RolloutBatch(
+      sequences, seq_mask, jnp.ones((n, l)), -jax.random.uniform(ks[2], (n, l)) * 5,
+      jax.random.normal(ks[3], (n,)), None)
+
+  def one_step(mesh):
+    shardings = state_lib.state_shardings(cfg, opt, mesh)
+    state = jax.device_put(state_lib.create(params, opt), shardings)
+    step = jax.jit(lambda s, b: rl_trainer.rl_update(cfg, loss_cfg, 1.0, opt, s, b),
+                   in_shardings=(shardings, None))
+    with sharding.activate(mesh):
+      batch_d = jax.tree.map(lambda x: run.to_global(np.asarray(x), mesh), batch)
+      _, metrics = step(state, batch_d)
+    return jax.device_get(metrics)
+
+  single = one_step(sharding.make_mesh({"fsdp": 1}, jax.devices()[:1]))
+  multi = one_step(sharding.make_mesh({"fsdp": 2, "tensor": 2, "expert": 2}, jax.devices()[:8]))
+  # float32: only the reduction order differs between 1 and 8 devices.
+  np.testing.assert_allclose(multi["loss"], single["loss"], rtol=1e-5)
+  np.testing.assert_allclose(multi["grad_norm"], single["grad_norm"], rtol=1e-5)
+  assert single["grad_norm"] > 0
+
+
+def test_two_process_run_on_localhost(tmp_path):
+  """jax.distributed with 2 CPU processes (2 devices each): a 2-step SFT run completes."""
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  common = [sys.executable, "-m", "experiments.train", "--config=tests/train/micro_config.py",
+            f"--workdir={tmp_path}", "--config.mode=sft", "--config.sft.steps=2",
+            "--num_processes=2", f"--coordinator_address=localhost:{port}"]
+  procs = [subprocess.Popen(common + [f"--process_id={i}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  steps = [r["step"] for r in _records(tmp_path, "sft")]
+  assert steps == [0, 1, 2]
