@@ -31,7 +31,7 @@ _DECODE_BATCHES = flags.DEFINE_list("decode_batches", ["64", "128", "256", "512"
 _SWEEP = flags.DEFINE_bool("sweep", False, "Time candidate tilings on the forward (H = 16, "
                            "T = 2K, 8K, 32K) first and use the fastest.")
 _CONFIG = flags.DEFINE_list("config", [], "Kernel tiling block_size,value_tile,num_warps,"
-                            "num_stages,min_programs (default: DEFAULT_CONFIG).")
+                            "num_stages,min_programs[,state_block_size] (default: DEFAULT_CONFIG).")
 _FLA = flags.DEFINE_bool("fla", True, "Include fla (needs torch + fla-core).")
 _XLA = flags.DEFINE_bool("xla", True, "Include the jnp blockwise path.")
 _CUDNN = flags.DEFINE_bool("cudnn", True, "Include cuDNN causal softmax attention.")
@@ -71,9 +71,10 @@ def main(argv):
 
   config = DEFAULT_CONFIG
   if _CONFIG.value:
-    block, tile, warps, stages, min_programs = (int(x) for x in _CONFIG.value)
+    block, tile, warps, stages, min_programs, *state_block = (int(x) for x in _CONFIG.value)
     config = KernelConfig(block_size=block, value_tile=tile, num_warps=warps, num_stages=stages,
-                          min_programs=min_programs)
+                          min_programs=min_programs,
+                          state_block_size=state_block[0] if state_block else block)
   if _SWEEP.value:
     sweep_shapes = [(_TOKENS // t, t, 16, _DIM) for t in (2048, 8192, 32768)]
     candidates = [KernelConfig(block_size=c, value_tile=vt, num_warps=w, num_stages=st,

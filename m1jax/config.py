@@ -1,9 +1,9 @@
 """Model configuration: every field of the released MiniMax-M1 config.json plus m1jax's knobs.
 
-`ModelConfig.from_hf` reads both the original MiniMax-M1 / MiniMax-Text-01 keys (`attn_type_list`,
-`layernorm_*_alpha`, `rope_theta`, `rotary_dim`, ...) and transformers' "minimax" keys (`layer_types`,
-`*_alpha_factor`, `rope_parameters`); `to_hf` writes transformers' form. docs/model.md maps every field
-to the paper and to transformers.
+`ModelConfig.from_hf` reads both the original MiniMax-M1 / MiniMax-Text-01 keys
+(`attn_type_list`, `layernorm_*_alpha`, `rope_theta`, `rotary_dim`, ...) and transformers'
+"minimax" keys (`layer_types`, `*_alpha_factor`, `rope_parameters`); `to_hf` writes transformers'
+form. docs/model.md maps every field to the paper and to transformers.
 """
 
 from __future__ import annotations
@@ -92,13 +92,18 @@ class ModelConfig:
   # --- m1jax knobs ---
   dtype: str = "bfloat16"  # Activations / compute.
   param_dtype: str = "float32"
-  lm_head_dtype: str = "float32"  # LM head matmul + logits; shared by sampler and trainer (paper 3.2).
-  rope_full_head: bool = False  # True rotates the whole head, as transformers does (ignores rotary_dim).
+  # LM head matmul + logits; shared by sampler and trainer (paper 3.2).
+  lm_head_dtype: str = "float32"
+  # True rotates the whole head, as transformers does (ignores rotary_dim).
+  rope_full_head: bool = False
   slope_convention: str = "original"  # "original": 1 - l/(L-1); "transformers": 1 - l/(L-1+1e-5).
   lightning_impl: str = "auto"  # auto: pallas on GPU, blockwise elsewhere.
-  attention_impl: str = "auto"  # jax.nn.dot_product_attention implementation (auto: cudnn when it applies).
-  moe_impl: str = "ragged"  # ragged: dropless grouped GEMM (lax.ragged_dot); dense: all experts (tests).
-  moe_capacity_factor: float | None = None  # None: dropless. Else capacity = cf * tokens * k / E per expert.
+  # jax.nn.dot_product_attention implementation (auto: cudnn when it applies).
+  attention_impl: str = "auto"
+  # ragged: dropless grouped GEMM (lax.ragged_dot); dense: all experts (tests).
+  moe_impl: str = "ragged"
+  # None: dropless. Else capacity = cf * tokens * k / E per expert.
+  moe_capacity_factor: float | None = None
   remat_policy: str = "none"
 
   def __post_init__(self):
@@ -289,12 +294,14 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
     if "rope_theta" in rope:
       out["rope_theta"] = float(rope["rope_theta"])
   if raw.get("sliding_window") is not None:
-    raise ValueError(f"sliding_window={raw['sliding_window']!r}: sliding-window attention is not supported")
+    raise ValueError(f"sliding_window={raw['sliding_window']!r}: "
+                     "sliding-window attention is not supported")
   raw.pop("sliding_window", None)
   if raw.get("postnorm") is False and model_type == "minimax":
     raise ValueError("postnorm=False contradicts model_type 'minimax' (transformers is post-norm)")
   if raw.get("layernorm_attention_alpha") is not None:
-    raise ValueError("layernorm_attention_alpha: give per-kind alphas (layernorm_linear/full_attention_alpha)")
+    raise ValueError("layernorm_attention_alpha: give per-kind alphas "
+                     "(layernorm_linear/full_attention_alpha)")
   for key in list(raw):
     if key in _HF_BOOKKEEPING_KEYS or key.startswith("_"):
       value = raw.pop(key)
@@ -342,7 +349,8 @@ _PRESETS = {
         attn_type_list=hybrid_layout(16), num_local_experts=16, num_experts_per_tok=2,
         block_size=256, max_position_embeddings=1 << 20,
         layernorm_full_attention_alpha=alpha_for_depth(16),
-        layernorm_linear_attention_alpha=alpha_for_depth(16), layernorm_mlp_alpha=alpha_for_depth(16)),
+        layernorm_linear_attention_alpha=alpha_for_depth(16),
+        layernorm_mlp_alpha=alpha_for_depth(16)),
     # Exactly the released MiniMax-M1 / MiniMax-Text-01 config.json.
     "minimax-m1-456b": dict(),
 }

@@ -56,12 +56,19 @@ class KernelConfig:
     segment_len: explicit segment length in tokens (rounded up to a multiple of block_size);
       overrides min_programs. A value >= T means one segment.
     num_warps: Triton warps per program.
+    state_block_size: tokens per block of the segment-state pre-pass (power of two >= 16). That
+      pass has no intra-block term, so a larger block costs no extra FLOPs and cuts its serial
+      steps; above block_size it runs with at most 2 pipeline stages to stay within shared
+      memory. Used when it divides the segment length, else block_size is used. The default
+      equals block_size (the measured configuration); larger values pass the GPU tests but are
+      not yet timed (docs/kernel_notes.md).
     num_stages: Triton software-pipelining depth of the block loop. Each stage holds a block
       of a, b and c in shared memory: block 128 x value tile 128 with 3 stages exceeds the
       H200's 227 KiB (the compiler asked for 288 KiB); the default's blocks take 40 KiB a stage.
   """
   block_size: int = 64
   value_tile: int = 64
+  state_block_size: int = 64
   min_programs: int = 128
   segment_len: int | None = None
   num_warps: int = 4
@@ -84,6 +91,7 @@ class _Plan:
   """Static tiling of one call, derived from the shapes and a KernelConfig."""
   seq_len: int
   block: int
+  state_block: int  # block of the segment-state pre-pass
   value_tile: int
   seg_len: int
   num_segments: int
@@ -103,7 +111,9 @@ def _plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelConfig) 
     blocks_per_seg = -(-num_blocks // wanted)
   blocks_per_seg = max(1, min(blocks_per_seg, num_blocks))
   seg_len = blocks_per_seg * block
-  return _Plan(seq_len=seq_len, block=block, value_tile=value_tile, seg_len=seg_len,
+  state_block = config.state_block_size if seg_len % config.state_block_size == 0 else block
+  return _Plan(seq_len=seq_len, block=block, state_block=state_block, value_tile=value_tile,
+               seg_len=seg_len,
                num_segments=-(-seq_len // seg_len), num_warps=config.num_warps,
                num_stages=config.num_stages)
 
@@ -131,11 +141,11 @@ def _block_decays(a, pos, m, reverse):
   return jnp.exp(-a * out_exp.astype(_F32)), jnp.exp(-a * in_exp.astype(_F32))
 
 
-def _block_loop_bounds(plan: _Plan):
-  """(segment start, number of blocks) of this program's segment."""
+def _block_loop_bounds(plan: _Plan, block: int):
+  """(segment start, number of `block`-token blocks) of this program's segment."""
   seg_start = pl.program_id(1) * plan.seg_len
   seg_tokens = jnp.minimum(plan.seg_len, plan.seq_len - seg_start)
-  return seg_start, (seg_tokens + plan.block - 1) // plan.block
+  return seg_start, (seg_tokens + block - 1) // block
 
 
 def _load_block(ref, rows, valid):
@@ -173,7 +183,7 @@ def _sweep_kernel(slope_ref, a_ref, b_ref, c_ref, x0_ref, *refs, plan: _Plan, re
   local_ref, out_ref, x_end_ref = refs if len(refs) == 3 else (None, *refs)
   a = slope_ref[...].astype(_F32)
   cd = _compute_dtype(a_ref.dtype)
-  seg_start, num_blocks = _block_loop_bounds(plan)
+  seg_start, num_blocks = _block_loop_bounds(plan, plan.block)
   pos = jnp.arange(plan.block, dtype=jnp.int32)
   gap = (pos[None, :] - pos[:, None]) if reverse else (pos[:, None] - pos[None, :])
   intra_mask = jnp.where(gap >= 0, jnp.exp(-a * jnp.maximum(gap, 0).astype(_F32)), 0.0)
@@ -208,14 +218,15 @@ def _segment_state_kernel(slope_ref, b_ref, c_ref, x_ref, *, plan: _Plan, revers
   (forward) or start (reverse)) b_t^T c_t over the segment's tokens."""
   a = slope_ref[...].astype(_F32)
   cd = _compute_dtype(b_ref.dtype)
-  seg_start, num_blocks = _block_loop_bounds(plan)
-  pos = jnp.arange(plan.block, dtype=jnp.int32)
+  block = plan.state_block
+  seg_start, num_blocks = _block_loop_bounds(plan, block)
+  pos = jnp.arange(block, dtype=jnp.int32)
 
   def body(n, x):
     blk = num_blocks - 1 - n if reverse else n
-    start = seg_start + blk * plan.block
-    m = jnp.minimum(plan.block, plan.seq_len - start)
-    rows = pl.ds(start, plan.block)
+    start = seg_start + blk * block
+    m = jnp.minimum(block, plan.seq_len - start)
+    rows = pl.ds(start, block)
     valid = (pos < m)[:, None]
     b_blk = _load_block(b_ref, rows, valid)
     c_blk = _load_block(c_ref, rows, valid)
@@ -243,8 +254,9 @@ def _slope_spec():
   return pl.BlockSpec((None,), lambda j, s, h, b: (h,))
 
 
-def _compiler_params(plan: _Plan):
-  return pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=plan.num_stages)
+def _compiler_params(plan: _Plan, max_stages: int | None = None):
+  stages = plan.num_stages if max_stages is None else min(plan.num_stages, max_stages)
+  return pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=stages)
 
 
 def _segment_states(b, c, slope, plan: _Plan, reverse: bool, interpret: bool):
@@ -260,7 +272,8 @@ def _segment_states(b, c, slope, plan: _Plan, reverse: bool, interpret: bool):
       out_specs=pl.BlockSpec((None, None, None, dim_k, plan.value_tile),
                              lambda j, s, h, b: (b, h, s, 0, j)),
       out_shape=jax.ShapeDtypeStruct((batch, heads, plan.num_segments, dim_k, dim_v), _F32),
-      compiler_params=_compiler_params(plan),
+      compiler_params=_compiler_params(
+          plan, max_stages=2 if plan.state_block > plan.block else None),
       interpret=interpret,
       name="lightning_segment_states",
   )(slope, b, c)
@@ -362,6 +375,7 @@ def _check_inputs(q, k, v, slope, initial_state, config: KernelConfig):
   _check_dim("head dim D", dim)
   _check_dim("config.block_size", config.block_size)
   _check_dim("config.value_tile", config.value_tile)
+  _check_dim("config.state_block_size", config.state_block_size)
   if config.segment_len is not None and config.segment_len <= 0:
     raise ValueError(f"config.segment_len must be positive; got {config.segment_len}")
   if slope.shape != (heads,):

@@ -13,7 +13,8 @@ from m1jax.convert.hf import export_tensors, load_params, save_checkpoint
 __all__ = ["load_hf", "save_hf", "export_tensors"]
 
 
-def load_hf(ckpt_dir: str | os.PathLike, *, shardings=None, **config_overrides) -> tuple[ModelConfig, Any]:
+def load_hf(ckpt_dir: str | os.PathLike, *, shardings=None,
+            **config_overrides) -> tuple[ModelConfig, Any]:
   """Reads config.json and (sharded) safetensors, one tensor at a time.
 
   config_overrides set ModelConfig fields (e.g. dtype="float32", param_dtype="bfloat16").

@@ -60,9 +60,12 @@ def _layer_slots(cfg: ModelConfig, i: int, fused_experts: bool) -> dict[str, _Sl
   a = f"{p}.self_attn"
   if cfg.is_lightning[i]:
     slots.update({
-        f"{a}.qkv_proj.weight": _Slot((3 * nh * hd, e), _to((ours, "attn", "qkv"), in_first(e, nh, 3 * hd))),
-        f"{a}.output_gate.weight": _Slot((nh * hd, e), _to((ours, "attn", "gate"), in_first(e, nh, hd))),
-        f"{a}.out_proj.weight": _Slot((e, nh * hd), _to((ours, "attn", "out"), in_first(nh, hd, e))),
+        f"{a}.qkv_proj.weight": _Slot((3 * nh * hd, e),
+                                      _to((ours, "attn", "qkv"), in_first(e, nh, 3 * hd))),
+        f"{a}.output_gate.weight": _Slot((nh * hd, e),
+                                         _to((ours, "attn", "gate"), in_first(e, nh, hd))),
+        f"{a}.out_proj.weight": _Slot((e, nh * hd),
+                                      _to((ours, "attn", "out"), in_first(nh, hd, e))),
         f"{a}.norm.weight": _Slot((nh * hd,), _to((ours, "attn", "norm", "scale"),
                                                   lambda w: w.reshape(nh, hd))),
     })
@@ -85,7 +88,8 @@ def _layer_slots(cfg: ModelConfig, i: int, fused_experts: bool) -> dict[str, _Sl
   else:
     for x in range(nx):
       for name, shape in (("w1", (inter, e)), ("w3", (inter, e)), ("w2", (e, inter))):
-        slots[f"{moe}.experts.{x}.{name}.weight"] = _Slot(shape, _to((ours, "moe", name), np.transpose, x))
+        slots[f"{moe}.experts.{x}.{name}.weight"] = _Slot(
+            shape, _to((ours, "moe", name), np.transpose, x))
   return slots
 
 
@@ -102,7 +106,8 @@ def _model_slots(cfg: ModelConfig, fused_experts: bool) -> dict[str, _Slot]:
 
 def _normalise_key(key: str) -> str:
   """Accepts transformers' in-memory MoE prefix `mlp.gate` for the router."""
-  return re.sub(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$", r"\1.block_sparse_moe.gate.weight", key)
+  return re.sub(r"^(model\.layers\.\d+)\.mlp\.gate\.weight$", r"\1.block_sparse_moe.gate.weight",
+                key)
 
 
 def _is_decay_buffer(key: str) -> bool:
@@ -135,7 +140,8 @@ def _check_keys(slots, shapes, ckpt_dir):
     return f"{keys[:5]}{' ...' if len(keys) > 5 else ''}"
   unexpected = sorted(k for k in shapes if k not in slots and not _is_decay_buffer(k))
   if unexpected:
-    raise ValueError(f"{ckpt_dir}: unexpected checkpoint key(s) {listing(unexpected)} for this config")
+    raise ValueError(f"{ckpt_dir}: unexpected checkpoint key(s) {listing(unexpected)} "
+                     "for this config")
   missing = sorted(k for k in slots if k not in shapes)
   if missing:
     raise ValueError(f"{ckpt_dir}: missing checkpoint key(s) {listing(missing)}; "
@@ -151,10 +157,11 @@ def load_params(cfg: ModelConfig, ckpt_dir: str) -> dict[str, Any]:
   from m1jax import model  # pylint: disable=g-import-not-at-top
   files = _shard_files(ckpt_dir)
   shapes = _checkpoint_shapes(files)
-  slots = _model_slots(cfg, fused_experts=any(k.endswith(".mlp.experts.gate_up_proj") for k in shapes))
+  slots = _model_slots(
+      cfg, fused_experts=any(k.endswith(".mlp.experts.gate_up_proj") for k in shapes))
   _check_keys(slots, shapes, ckpt_dir)
   dtype = _NP_DTYPES[cfg.param_dtype]
-  abstract = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  abstract = model.abstract_params(cfg)
   params = jax.tree.map(lambda x: np.empty(x.shape, dtype), abstract)
   for path in files:
     with safe_open(path, framework="np") as f:
@@ -227,7 +234,8 @@ def save_checkpoint(cfg: ModelConfig, params, out_dir: str, *, dtype: str | None
   if len(names) == 1:
     os.replace(os.path.join(out_dir, names[0]), os.path.join(out_dir, "model.safetensors"))
     return
-  final = {name: f"model-{n + 1:05d}-of-{len(names):05d}.safetensors" for n, name in enumerate(names)}
+  final = {name: f"model-{n + 1:05d}-of-{len(names):05d}.safetensors"
+           for n, name in enumerate(names)}
   for old, new in final.items():
     os.replace(os.path.join(out_dir, old), os.path.join(out_dir, new))
   with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:

@@ -17,13 +17,14 @@ from m1jax.config import ModelConfig
 from m1jax.model.moe import RouterStats, aux_loss
 from m1jax.model.transformer import DecodeCache, Transformer, init_cache, lm_head_logits
 
-__all__ = ["ModelOutput", "DecodeCache", "init", "forward", "init_cache", "logical_axes",
-           "param_counts", "lm_head_logits", "positions_from_mask"]
+__all__ = ["ModelOutput", "DecodeCache", "init", "abstract_params", "forward", "init_cache",
+           "logical_axes", "param_counts", "lm_head_logits", "positions_from_mask"]
 
 
 class ModelOutput(NamedTuple):
   logits: jax.Array | None  # [B, T, V] in cfg.lm_head_dtype (None when compute_logits=False)
-  aux_loss: jax.Array  # [] MoE load-balancing loss (unscaled; times router_aux_loss_coef in training)
+  # [] MoE load-balancing loss (unscaled; times router_aux_loss_coef in training)
+  aux_loss: jax.Array
   hidden: jax.Array  # [B, T, E] final-normed hidden states
   router_stats: RouterStats  # fields stacked over layers
   cache: DecodeCache | None  # updated cache when one was passed
@@ -41,30 +42,31 @@ def _abstract_variables(cfg: ModelConfig):
                                   compute_logits=False), tokens)
 
 
-def init(cfg: ModelConfig, key: jax.Array) -> dict[str, Any]:
+def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
+  """The params pytree as jax.ShapeDtypeStructs (nothing is allocated)."""
+  return nn.meta.unbox(_abstract_variables(cfg)["params"])
+
+
+def init(cfg: ModelConfig, key: jax.Array, shardings=None) -> dict[str, Any]:
   """Random parameters as a plain pytree: normal(0, initializer_range) matrices, ones for norms.
 
-  Shapes come from the modules (jax.eval_shape, no forward is run); the normals come from one
-  flat draw, so initialisation compiles in about a second whatever the depth.
+  Shapes come from the modules (jax.eval_shape). The numbers are drawn on the host with numpy
+  (PCG64 seeded from `key`): nothing is compiled, and the result is the same on every backend
+  and process. `shardings` (a matching pytree of jax Shardings) places each leaf as it is made.
   """
-  abstract = nn.meta.unbox(_abstract_variables(cfg)["params"])
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  is_norm = [jax.tree_util.keystr(path).endswith("['scale']") for path, _ in leaves]
-  sizes = [int(np.prod(leaf.shape)) for _, leaf in leaves]
-
-  @jax.jit
-  def materialize(key):
-    flat = cfg.initializer_range * jax.random.normal(
-        key, (sum(s for s, norm in zip(sizes, is_norm) if not norm),), cfg.jnp_param_dtype)
-    out, offset = [], 0
-    for (_, leaf), size, norm in zip(leaves, sizes, is_norm):
-      if norm:
-        out.append(jnp.ones(leaf.shape, leaf.dtype))
-      else:
-        out.append(flat[offset:offset + size].reshape(leaf.shape))
-        offset += size
-    return jax.tree.unflatten(treedef, out)
-  return materialize(key)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
+  placements = (jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+                if shardings is not None else [None] * len(leaves))
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+  out = []
+  for (path, leaf), placement in zip(leaves, placements):
+    if jax.tree_util.keystr(path).endswith("['scale']"):
+      value = np.ones(leaf.shape, np.float32)
+    else:
+      value = rng.standard_normal(leaf.shape, np.float32) * np.float32(cfg.initializer_range)
+    value = value.astype(leaf.dtype)
+    out.append(jax.device_put(value, placement) if placement is not None else jnp.asarray(value))
+  return jax.tree.unflatten(treedef, out)
 
 
 def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
@@ -105,10 +107,11 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   kind); moe (all experts + routers); active_per_token (one token's path: attention, norms, the
   router and top-k experts, final norm; excluding embedding and LM head); active_with_lm_head.
   """
-  shapes = nn.meta.unbox(_abstract_variables(cfg)["params"])
+  shapes = abstract_params(cfg)
   size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
   counts = {"embedding": size(shapes["embed"]), "lm_head": size(shapes["lm_head"]),
-            "lightning_layers": 0, "softmax_layers": 0, "moe": 0, "final_norm": size(shapes["final_norm"])}
+            "lightning_layers": 0, "softmax_layers": 0, "moe": 0,
+            "final_norm": size(shapes["final_norm"])}
   per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
   active = counts["final_norm"]
   for i in range(cfg.num_hidden_layers):

@@ -27,20 +27,25 @@ class SoftmaxAttention(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, positions: jax.Array, token_mask: jax.Array | None = None,
-               kv_cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None):
+               kv_cache: tuple | None = None):
     """h [B, T, E]; positions int [B, T]; token_mask [B, T] bool (False: padding).
 
-    kv_cache: (keys [B, S, KV, D], values [B, S, KV, D], slot_mask [B, S] bool, index int32 []):
-    the T new keys/values are written at slots index..index+T-1 and queries attend to filled,
-    non-padding slots at or before their own. Returns (out [B, T, E], (keys, values) or None).
+    kv_cache: (keys [L_softmax, B, S, KV, D], values (same), layer (this layer's row), slot_mask
+    [B, S] bool, index int32 []): the T new keys/values are written in place at slots
+    index..index+T-1 of row `layer`, and queries attend to filled, non-padding slots at or before
+    their own. Returns (out [B, T, E], (keys, values) updated, or None).
     """
     cfg = self.cfg
     nh, kvh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     dtype, pdtype, std = cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.initializer_range
-    w_q = common.param(self, "q", (cfg.hidden_size, nh, hd), ("embed", "heads", "head_dim"), std, pdtype)
-    w_k = common.param(self, "k", (cfg.hidden_size, kvh, hd), ("embed", "kv_heads", "head_dim"), std, pdtype)
-    w_v = common.param(self, "v", (cfg.hidden_size, kvh, hd), ("embed", "kv_heads", "head_dim"), std, pdtype)
-    w_o = common.param(self, "o", (nh, hd, cfg.hidden_size), ("heads", "head_dim", "embed"), std, pdtype)
+    w_q = common.param(self, "q", (cfg.hidden_size, nh, hd), ("embed", "heads", "head_dim"),
+                       std, pdtype)
+    w_k = common.param(self, "k", (cfg.hidden_size, kvh, hd), ("embed", "kv_heads", "head_dim"),
+                       std, pdtype)
+    w_v = common.param(self, "v", (cfg.hidden_size, kvh, hd), ("embed", "kv_heads", "head_dim"),
+                       std, pdtype)
+    w_o = common.param(self, "o", (nh, hd, cfg.hidden_size), ("heads", "head_dim", "embed"),
+                       std, pdtype)
 
     q = common.matmul("bte,ehd->bthd", h, w_q, dtype)
     k = common.matmul("bte,ehd->bthd", h, w_k, dtype)
@@ -59,14 +64,15 @@ class SoftmaxAttention(nn.Module):
           implementation=_implementation(cfg, dtype, mask is not None))
       new_kv = None
     else:
-      keys, values, slot_mask, index = kv_cache
-      t, s = h.shape[1], keys.shape[1]
-      keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
-      values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
+      keys, values, layer, slot_mask, index = kv_cache
+      t, s = h.shape[1], keys.shape[2]
+      keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype)[None], (layer, 0, index, 0, 0))
+      values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype)[None],
+                                            (layer, 0, index, 0, 0))
       causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
       mask = slot_mask[:, None, None, :] & causal[None, None]
-      o = jax.nn.dot_product_attention(q, keys.astype(dtype), values.astype(dtype), mask=mask,
-                                       scale=scale, implementation="xla")
+      o = jax.nn.dot_product_attention(q, keys[layer].astype(dtype), values[layer].astype(dtype),
+                                       mask=mask, scale=scale, implementation="xla")
       new_kv = (keys, values)
     out = common.matmul("bthd,hde->bte", o, w_o, dtype)
     return out, new_kv

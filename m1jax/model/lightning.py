@@ -1,4 +1,7 @@
-"""Lightning attention layer: silu(fused per-head qkv) -> decayed linear attention -> norm -> gate."""
+"""Lightning attention layer.
+
+silu(fused per-head qkv) -> decayed linear attention -> norm -> gate.
+"""
 
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ class LightningAttention(nn.Module):
     so left padding leaves the state untouched.
     """
     cfg = self.cfg
-    nh, hd, dtype, pdtype = cfg.num_attention_heads, cfg.head_dim, cfg.jnp_dtype, cfg.jnp_param_dtype
+    nh, hd, dtype, pdtype = (cfg.num_attention_heads, cfg.head_dim, cfg.jnp_dtype,
+                             cfg.jnp_param_dtype)
     std = cfg.initializer_range
     w_qkv = common.param(self, "qkv", (cfg.hidden_size, nh, 3 * hd), ("embed", "heads", "qkv_dim"),
                          std, pdtype)
@@ -44,7 +48,8 @@ class LightningAttention(nn.Module):
       qkv = qkv * token_mask[:, :, None, None].astype(qkv.dtype)
     qkv = common.constrain(qkv, (common.BATCH, common.LENGTH, common.HEADS, None))
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    slope = lightning_ops.decay_slopes(nh, self.layer_idx, cfg.num_hidden_layers, cfg.slope_convention)
+    slope = lightning_ops.decay_slopes(nh, self.layer_idx, cfg.num_hidden_layers,
+                                       cfg.slope_convention)
     if h.shape[1] == 1 and state is not None:  # Decode: one token on a carried state.
       o, state = lightning_ops.lightning_decode(q[:, 0], k[:, 0], v[:, 0], slope, state,
                                                 impl=cfg.lightning_impl)

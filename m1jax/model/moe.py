@@ -1,4 +1,7 @@
-"""Top-k Mixture of SwiGLU experts: dropless grouped GEMM, capacity-factor dispatch, dense reference."""
+"""Top-k Mixture of SwiGLU experts.
+
+Dropless grouped GEMM, capacity-factor dispatch, dense reference.
+"""
 
 from __future__ import annotations
 
@@ -68,11 +71,10 @@ def experts_capacity(x, weights, experts, w1, w3, w2, dtype, capacity_factor: fl
   tokens = jnp.tile(jnp.arange(n), k)
   buffer = jnp.zeros((num_experts, capacity, x.shape[-1]), dtype)
   buffer = buffer.at[choice_major, slot].set(x[tokens].astype(dtype), mode="drop")
-
-  def mm(eq, a, w):
-    return jnp.einsum(eq, a.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-  hidden = jax.nn.silu(mm("xce,xei->xci", buffer, w1)) * mm("xce,xei->xci", buffer, w3)
-  y = mm("xci,xie->xce", hidden, w2)
+  mm = common.matmul
+  hidden = (jax.nn.silu(mm("xce,xei->xci", buffer, w1, dtype))
+            * mm("xce,xei->xci", buffer, w3, dtype))
+  y = mm("xci,xie->xce", hidden, w2, dtype)
   y = jnp.where(kept[:, None], y[choice_major, jnp.minimum(slot, capacity - 1)], 0)
   y = y.reshape(k, n, -1).transpose(1, 0, 2)
   out = jnp.einsum("nke,nk->ne", y.astype(jnp.float32), weights).astype(dtype)
@@ -81,10 +83,9 @@ def experts_capacity(x, weights, experts, w1, w3, w2, dtype, capacity_factor: fl
 
 def experts_dense(x, weights, experts, w1, w3, w2, dtype):
   """Reference: every expert on every token, combined with the (sparse) top-k weights."""
-  def mm(eq, a, w):
-    return jnp.einsum(eq, a.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32).astype(dtype)
-  hidden = jax.nn.silu(mm("ne,xei->nxi", x, w1)) * mm("ne,xei->nxi", x, w3)
-  y = mm("nxi,xie->nxe", hidden, w2)
+  mm = common.matmul
+  hidden = jax.nn.silu(mm("ne,xei->nxi", x, w1, dtype)) * mm("ne,xei->nxi", x, w3, dtype)
+  y = mm("nxi,xie->nxe", hidden, w2, dtype)
   combine = jnp.sum(jax.nn.one_hot(experts, w1.shape[0]) * weights[..., None], axis=1)  # [N, X]
   return jnp.einsum("nxe,nx->ne", y.astype(jnp.float32), combine).astype(dtype)
 
@@ -112,7 +113,8 @@ class MoE(nn.Module):
     if cfg.moe_impl == "dense":
       out = experts_dense(x, weights, experts, w1, w3, w2, dtype)
     elif cfg.moe_capacity_factor is not None:
-      out, dropped = experts_capacity(x, weights, experts, w1, w3, w2, dtype, cfg.moe_capacity_factor)
+      out, dropped = experts_capacity(x, weights, experts, w1, w3, w2, dtype,
+                                      cfg.moe_capacity_factor)
     else:
       out = experts_dropless(x, weights, experts, w1, w3, w2, dtype)
 

@@ -26,6 +26,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     n = len(self.logical_axes)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, self.logical_axes),
+    scale = self.param("scale",
+                       nn.with_logical_partitioning(nn.initializers.ones, self.logical_axes),
                        x.shape[-n:], self.param_dtype)
     return rms_normalize(x, self.eps, axes=tuple(range(-n, 0))) * scale.astype(x.dtype)

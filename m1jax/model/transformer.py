@@ -1,4 +1,7 @@
-"""The MiniMax decoder: embedding, post-norm hybrid layers (lightning / softmax attention + MoE), LM head."""
+"""The MiniMax decoder.
+
+Embedding, post-norm hybrid layers (lightning / softmax attention + MoE), LM head.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from m1jax.config import ModelConfig
 from m1jax.model import common
 from m1jax.model.attention import SoftmaxAttention
 from m1jax.model.lightning import LightningAttention
-from m1jax.model.moe import MoE, RouterStats
+from m1jax.model.moe import MoE
 from m1jax.model.norms import RMSNorm
 
 
@@ -42,7 +45,10 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, kv_dtype=None) -> 
 
 
 class DecoderLayer(nn.Module):
-  """Post-norm ("DeepNorm") layer: h = norm(x); x = a*h + b*Attn(h); h = norm(x); x = a*h + b*MoE(h)."""
+  """Post-norm ("DeepNorm") layer.
+
+  h = norm(x); x = a*h + b*Attn(h); h = norm(x); x = a*h + b*MoE(h).
+  """
 
   cfg: ModelConfig
   layer_idx: int
@@ -110,11 +116,10 @@ class Transformer(nn.Module):
         lightning_states.append(state)
         i_lightning += 1
       else:
-        kv = None if cache is None else (keys[i_softmax], values[i_softmax], slot_mask, cache.index)
+        kv = None if cache is None else (keys, values, i_softmax, slot_mask, cache.index)
         x, new_kv, stats = layer(x, positions, token_mask, None, kv)
         if cache is not None:
-          keys = keys.at[i_softmax].set(new_kv[0])
-          values = values.at[i_softmax].set(new_kv[1])
+          keys, values = new_kv
         i_softmax += 1
       all_stats.append(stats)
       if return_hidden_states:
@@ -143,4 +148,5 @@ def lm_head_logits(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array) -> j
   precision = jax.lax.Precision.HIGHEST if head_dtype == jnp.float32 else None  # no TF32 on GPU
   logits = jnp.einsum("...e,ev->...v", hidden.astype(head_dtype), lm_head.astype(head_dtype),
                       preferred_element_type=jnp.float32, precision=precision)
-  return common.constrain(logits.astype(head_dtype), (common.BATCH, common.LENGTH, "activation_vocab"))
+  return common.constrain(logits.astype(head_dtype),
+                          (common.BATCH, common.LENGTH, "activation_vocab"))

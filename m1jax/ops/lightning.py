@@ -33,7 +33,8 @@ def _check_inputs(q, k, v, slope, initial_state):
   if slope.shape != (h,):
     raise ValueError(f"slope must be [H]=[{h}]; got {slope.shape}")
   if initial_state is not None and initial_state.shape != (b, h, d, d):
-    raise ValueError(f"initial_state must be [B, H, D, D]={[b, h, d, d]}; got {initial_state.shape}")
+    raise ValueError(f"initial_state must be [B, H, D, D]={[b, h, d, d]}; "
+                     f"got {initial_state.shape}")
 
 
 def _zero_state(q):
@@ -42,7 +43,10 @@ def _zero_state(q):
 
 
 def lightning_attention_recurrent(q, k, v, slope, initial_state=None):
-  """Token-by-token recurrence. q, k, v [B, T, H, D]; slope [H] -> (o [B, T, H, D], S [B, H, D, D])."""
+  """Token-by-token recurrence.
+
+  q, k, v [B, T, H, D]; slope [H] -> (o [B, T, H, D], S [B, H, D, D]).
+  """
   _check_inputs(q, k, v, slope, initial_state)
   state = _zero_state(q) if initial_state is None else initial_state.astype(jnp.float32)
   decay = jnp.exp(-slope.astype(jnp.float32))[None, :, None, None]  # [1, H, 1, 1]
@@ -65,7 +69,8 @@ def lightning_attention_quadratic(q, k, v, slope, initial_state=None):
   slope = slope.astype(jnp.float32)
   idx = jnp.arange(t, dtype=jnp.float32)
   gap = idx[:, None] - idx[None, :]  # i - j
-  mask = jnp.where(gap >= 0, jnp.exp(-slope[:, None, None] * jnp.maximum(gap, 0.0)), 0.0)  # [H, T, T]
+  # [H, T, T]
+  mask = jnp.where(gap >= 0, jnp.exp(-slope[:, None, None] * jnp.maximum(gap, 0.0)), 0.0)
   scores = jnp.einsum("bihd,bjhd->bhij", qf, kf, precision=_HI) * mask
   o = jnp.einsum("bhij,bjhd->bihd", scores, vf, precision=_HI)
   key_decay = jnp.exp(-slope[None, :] * (t - 1 - idx)[:, None])  # [T, H]: lambda^(T-1-j)
@@ -100,7 +105,8 @@ def lightning_attention_blockwise(q, k, v, slope, initial_state=None, *, block_s
 
   pos = jnp.arange(c, dtype=jnp.float32)
   gap = pos[:, None] - pos[None, :]
-  intra_mask = jnp.where(gap >= 0, jnp.exp(-slope[:, None, None] * jnp.maximum(gap, 0.0)), 0.0)  # [H, C, C]
+  # [H, C, C]
+  intra_mask = jnp.where(gap >= 0, jnp.exp(-slope[:, None, None] * jnp.maximum(gap, 0.0)), 0.0)
   query_decay = jnp.exp(-slope[None, :] * (pos + 1)[:, None])  # [C, H]
   block_lengths = jnp.minimum(c, t - c * jnp.arange(n)).astype(jnp.float32)  # [N]
 

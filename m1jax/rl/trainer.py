@@ -115,7 +115,8 @@ class Sampler:
     self.ctx, self.rl = ctx, rl
     self.gen_cfg = generate.GenerateConfig(
         max_new_tokens=rl.max_new_tokens,
-        sampling=generate.SamplingConfig(temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p),
+        sampling=generate.SamplingConfig(temperature=rl.temperature, top_k=rl.top_k,
+                                         top_p=rl.top_p),
         eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
         repetition_window=rl.repetition_window, repetition_prob=rl.repetition_prob)
     self.task_reward = rewards.get_reward_fn("task")
@@ -167,13 +168,14 @@ def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.Confi
   else:
     got = _take(got, np.arange(b * g))
   n = np.maximum(first.lengths.size, 1)
+  reasons = first.finish_reasons
   metrics = {
       "reward": float(np.mean(first.rewards)),
       "accuracy": float(np.mean(first.correct)),
       "response_length": float(np.mean(first.lengths)),
-      "finished_eos": float(np.sum(first.finish_reasons == generate.FinishReason.EOS) / n),
-      "truncated_length": float(np.sum(first.finish_reasons == generate.FinishReason.LENGTH) / n),
-      "truncated_repetition": float(np.sum(first.finish_reasons == generate.FinishReason.REPETITION) / n),
+      "finished_eos": float(np.sum(reasons == generate.FinishReason.EOS) / n),
+      "truncated_length": float(np.sum(reasons == generate.FinishReason.LENGTH) / n),
+      "truncated_repetition": float(np.sum(reasons == generate.FinishReason.REPETITION) / n),
       "sampling_rounds": float(rounds),
       "filled_groups_frac": rows / (b * g),
   }
@@ -233,7 +235,8 @@ def train(ctx: run.Context, init_params_fn) -> run.Stage:
       sequences_d, seq_mask_d = put(sequences.astype(np.int32)), put(seq_mask)
       ref = None if ref_params is None else ref_logprobs_fn(ref_params, sequences_d, seq_mask_d)
       yield RolloutBatch(sequences_d, seq_mask_d, put(response * weights[part][:, None]),
-                         put(r.logprobs.astype(np.float32)), put(advantages[part].astype(np.float32)),
+                         put(r.logprobs.astype(np.float32)),
+                         put(advantages[part].astype(np.float32)),
                          ref)
 
   boundary = {"step": stage.start_step, "data": prompt_iter.get_state()}  # last completed step

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 
 
 class Checkpointer:
-  """Saves every `every_steps` steps (and on demand); keeps the newest `keep`; resumes the latest."""
+  """Saves every `every_steps` steps (and on demand), keeps the newest `keep`, restores."""
 
   def __init__(self, directory: str, every_steps: int, keep: int = 2):
     self.directory = os.path.abspath(directory)

@@ -34,7 +34,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_fields("tiny")
   c.tokenizer = "byte"  # "byte" or a tokenizer.json path / directory
   c.task = ml_collections.ConfigDict(dict(
-      name="arithmetic", jsonl_path="", eval_size=256, eval_fraction=0.1))
+      name="arithmetic", jsonl_path="", eval_size=256, eval_fraction=0.1,
+      eval_seed=0))  # the held-out set depends on eval_seed only, not on the run's seed
   c.task.kwargs = ml_collections.ConfigDict()  # task difficulty knobs (m1jax.data.tasks)
   c.reward = ml_collections.ConfigDict(dict(task=1.0, format=0.0))  # weighted reward components
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))  # -1: the rest
@@ -94,10 +95,11 @@ def model_fields(preset: str = "tiny", **changes) -> ml_collections.ConfigDict:
 
 
 def model_from_config(model_cfg: ml_collections.ConfigDict) -> model_config.ModelConfig:
-  """The ModelConfig a config describes (from its fields, or from model.hf_dir plus COMPUTE_KNOBS)."""
+  """The ModelConfig a config describes (its fields, or model.hf_dir plus COMPUTE_KNOBS)."""
   values = {k: v for k, v in model_cfg.items() if k != "hf_dir"}
   if model_cfg.hf_dir:
-    return model_config.ModelConfig.from_hf(model_cfg.hf_dir, **{k: values[k] for k in COMPUTE_KNOBS})
+    knobs = {k: values[k] for k in COMPUTE_KNOBS}
+    return model_config.ModelConfig.from_hf(model_cfg.hf_dir, **knobs)
   return model_config.ModelConfig(**values)
 
 
@@ -137,7 +139,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
   require(cfg.mode in MODES, "mode", f"must be one of {MODES}")
   require(cfg.task.name in TASKS, "task.name", f"must be one of {TASKS}")
-  require(cfg.task.name != "jsonl" or cfg.task.jsonl_path, "task.jsonl_path", "required for task.name=jsonl")
+  require(cfg.task.name != "jsonl" or cfg.task.jsonl_path, "task.jsonl_path",
+          "required for task.name=jsonl")
   require(cfg.task.eval_size > 0, "task.eval_size", "must be positive")
   require(0 < cfg.task.eval_fraction < 1, "task.eval_fraction", "must be in (0, 1)")
   if not cfg.model.hf_dir:
@@ -169,8 +172,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   require(r.prompts_per_step >= 1, "rl.prompts_per_step", "must be >= 1")
   require(r.samples_per_prompt >= 2, "rl.samples_per_prompt", "group advantages need >= 2 samples")
   require(r.updates_per_batch >= 1, "rl.updates_per_batch", "must be >= 1")
-  require((r.prompts_per_step * r.samples_per_prompt) % r.updates_per_batch == 0, "rl.updates_per_batch",
-          f"must divide prompts_per_step * samples_per_prompt = {r.prompts_per_step * r.samples_per_prompt}")
+  rows = r.prompts_per_step * r.samples_per_prompt
+  require(rows % r.updates_per_batch == 0, "rl.updates_per_batch",
+          f"must divide prompts_per_step * samples_per_prompt = {rows}")
   require(r.max_prompt_len >= 1, "rl.max_prompt_len", "must be >= 1")
   require(r.max_new_tokens >= 1, "rl.max_new_tokens", "must be >= 1")
   require(r.temperature > 0, "rl.temperature", "RL samples: must be > 0")
@@ -197,7 +201,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       rewards.get_reward_fn(key)
     except (KeyError, ValueError) as e:
       raise ValueError(f"config.reward.{key}: {e}") from None
-    require(isinstance(weight, (int, float)) and weight >= 0, f"reward.{key}", "weights must be >= 0")
+    require(isinstance(weight, (int, float)) and weight >= 0, f"reward.{key}",
+            "weights must be >= 0")
   require(any(w > 0 for w in cfg.reward.values()), "reward", "needs a positive weight")
 
 
@@ -205,7 +210,8 @@ def _same_kind(expected, value) -> bool:
   if isinstance(expected, bool) or isinstance(value, bool):
     return isinstance(expected, bool) and isinstance(value, bool)
   if isinstance(expected, (int, float)):
-    return isinstance(value, (int, float)) and (isinstance(expected, float) or isinstance(value, int))
+    return isinstance(value, (int, float)) and (isinstance(expected, float)
+                                                or isinstance(value, int))
   if isinstance(expected, ml_collections.ConfigDict):
     return isinstance(value, ml_collections.ConfigDict)
   return isinstance(value, type(expected))

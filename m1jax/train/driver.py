@@ -46,7 +46,8 @@ def _params_from(ctx: run.Context, stage_dir: str):
   """Final params of another run's stage directory (e.g. a previous SFT run's workdir/sft)."""
   from m1jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
   optimizer = optimizer_lib.make_optimizer(ctx.config.sft.optimizer, ctx.config.sft.steps)
-  stage = run.Stage(ctx, "sft", ctx.config.sft.steps, optimizer, ctx.config.sft, directory=stage_dir)
+  stage = run.Stage(ctx, "sft", ctx.config.sft.steps, optimizer, ctx.config.sft,
+                    directory=stage_dir)
   if stage.checkpointer.latest_step() is None:
     raise ValueError(f"config.rl.init_from={stage_dir!r}: no checkpoint found there")
   return stage.final_params()
@@ -55,7 +56,8 @@ def _params_from(ctx: run.Context, stage_dir: str):
 def _stage_summary(stage_dir: str) -> dict:
   """First and last held-out evaluation of a stage, from its metrics.jsonl."""
   from m1jax.train import metrics  # pylint: disable=g-import-not-at-top
-  records = [r for r in metrics.read_jsonl(os.path.join(stage_dir, "metrics.jsonl")) if "eval/reward" in r]
+  records = metrics.read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
+  records = [r for r in records if "eval/reward" in r]
   if not records:
     logging.warning("no evaluation records in %s", stage_dir)
     return {}

@@ -27,8 +27,10 @@ def evaluate(ctx: run.Context, params, examples: list, max_prompt_len: int) -> d
     tokens, lengths = run.to_host(out.tokens), run.to_host(out.lengths)
     valid = np.asarray(batch.valid)
     examples_b = list(batch.examples)
-    combined = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples_b, lengths=lengths)
-    correct = rewards.score_responses(task_reward, ctx.tokenizer, tokens, examples_b, lengths=lengths)
+    combined = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples_b,
+                                       lengths=lengths)
+    correct = rewards.score_responses(task_reward, ctx.tokenizer, tokens, examples_b,
+                                      lengths=lengths)
     totals["reward"].append(combined.rewards[valid])
     totals["accuracy"].append(correct.rewards[valid])
     totals["length"].append(lengths[valid])

@@ -13,7 +13,8 @@ _NEVER_APPLY_NONFINITE = 2**30
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-  """cfg.schedule: "constant" (after linear warmup) or "cosine" (warmup, then cosine to lr * cfg.final_lr_fraction)."""
+  """cfg.schedule: "constant" (after a linear warmup) or "cosine" (warmup, then cosine decay to
+  learning_rate * final_lr_fraction)."""
   if cfg.schedule == "constant":
     return optax.warmup_constant_schedule(0.0, cfg.learning_rate, max(cfg.warmup_steps, 1))
   if cfg.schedule == "cosine":
@@ -28,11 +29,14 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict,
+                   total_steps: int) -> optax.GradientTransformation:
   """clip_by_global_norm(cfg.grad_clip) -> AdamW(schedule), wrapped to skip non-finite updates."""
   adamw = optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                       weight_decay=cfg.weight_decay, mask=_decay_mask)
-  chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+  chain = adamw
+  if cfg.grad_clip > 0:
+    chain = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw)
   return optax.apply_if_finite(chain, _NEVER_APPLY_NONFINITE)
 
 

@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -74,7 +73,9 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
                      f"tokenizer's {tokenizer.vocab_size}")
   if model_cfg.eos_token_id is None:
     model_cfg = model_cfg.replace(eos_token_id=tokenizer.eos_id)
-  task = None if config.task.name == "jsonl" else tasks.make_task(config.task.name, **config.task.kwargs)
+  task = None
+  if config.task.name != "jsonl":
+    task = tasks.make_task(config.task.name, **config.task.kwargs)
   mesh = sharding.make_mesh(dict(config.mesh))
   return Context(config=config, workdir=workdir, model_cfg=model_cfg, tokenizer=tokenizer,
                  task=task, mesh=mesh, reward_fn=rewards.combine(dict(config.reward)))
@@ -93,7 +94,7 @@ def eval_examples(ctx: Context) -> list:
   t = ctx.config.task
   if t.name == "jsonl":
     return list(source(ctx, "eval"))[:t.eval_size]
-  return tasks.make_eval_set(ctx.task, size=t.eval_size, seed=ctx.config.seed,
+  return tasks.make_eval_set(ctx.task, size=t.eval_size, seed=t.eval_seed,
                              eval_fraction=t.eval_fraction)
 
 
@@ -102,15 +103,14 @@ def initial_params(ctx: Context, shardings):
   if ctx.config.model.hf_dir:
     params = convert.hf.load_params(ctx.model_cfg, ctx.config.model.hf_dir)
     return jax.tree.map(jax.device_put, params, shardings)
-  init = jax.jit(lambda key: model.init(ctx.model_cfg, key), out_shardings=shardings)
-  return init(jax.random.key(ctx.config.seed))
+  return model.init(ctx.model_cfg, jax.random.key(ctx.config.seed), shardings)
 
 
 def to_global(array: np.ndarray, mesh, batch_sharded: bool = True) -> jax.Array:
   """A host array (identical on every process) as a global device array, batch dim sharded."""
   array = np.asarray(array)
-  spec = sharding.batch_sharding(mesh, array.ndim).spec if batch_sharded else jax.sharding.PartitionSpec()
-  target = jax.sharding.NamedSharding(mesh, spec)
+  target = (sharding.batch_sharding(mesh, array.ndim) if batch_sharded
+            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
   return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
 
@@ -186,8 +186,8 @@ class Stage:
       logging.warning("%s: interrupted; checkpoint at step %d in %s", self.name, step,
                       self.checkpointer.directory)
     else:
-      logging.warning("%s: interrupted inside a step; the last periodic checkpoint (step %s) stands",
-                      self.name, self.checkpointer.latest_step())
+      logging.warning("%s: interrupted inside a step; the last periodic checkpoint (step %s) "
+                      "stands", self.name, self.checkpointer.latest_step())
 
   # --- logging -----------------------------------------------------------------------------------
   def open(self):
@@ -202,9 +202,11 @@ class Stage:
                               disable=not (self.ctx.config.progress and self.ctx.is_main))
 
   def log(self, step: int, metrics: Mapping[str, Any], postfix: Mapping[str, float] = ()) -> None:
-    record = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v for k, v in metrics.items()}
+    record = {k: float(v) if np.ndim(v) == 0 and not isinstance(v, str) else v
+              for k, v in metrics.items()}
     record["time_s"] = time.time() - self._t0
-    if step % self.log_every == 0 or step == self.total_steps or any(k.startswith("eval/") for k in record):
+    has_eval = any(k.startswith("eval/") for k in record)
+    if step % self.log_every == 0 or step == self.total_steps or has_eval:
       self.writer.write(step, record)
       self.records.append({"step": step, **record})
     self.progress.update(step - self.progress.n)
@@ -218,8 +220,8 @@ class Stage:
       self.save(step, state, data_state, force=True)
       self.checkpointer.wait()
       raise NonFiniteError(
-          f"{self.name}: {skipped} consecutive steps had a non-finite loss or gradient (the last at "
-          f"step {step}); they were skipped and a checkpoint was written to "
+          f"{self.name}: {skipped} consecutive steps had a non-finite loss or gradient (the "
+          f"last at step {step}); they were skipped and a checkpoint was written to "
           f"{self.checkpointer.directory}. Lower the learning rate or inspect metrics.jsonl.")
 
   def close(self, panels: Mapping[str, tuple[str, ...]]) -> None:

@@ -52,13 +52,16 @@ def train(ctx: run.Context) -> run.Stage:
   if stage.finished():
     return stage
   dataset = pipeline.sft_dataset(run.source(ctx, "train"), ctx.tokenizer,
-                                 batch_size=cfg.batch_size, max_len=cfg.max_len, seed=ctx.config.seed)
+                                 batch_size=cfg.batch_size, max_len=cfg.max_len,
+                                 seed=ctx.config.seed)
   data_iter = iter(dataset)
-  state, data_state = stage.restore_or_create(lambda: run.initial_params(ctx, stage.shardings.params))
+  state, data_state = stage.restore_or_create(
+      lambda: run.initial_params(ctx, stage.shardings.params))
   if data_state is not None:
     data_iter.set_state(data_state)
   step_fn = jax.jit(functools.partial(sft_step, ctx.model_cfg, optimizer),
-                    in_shardings=(stage.shardings, None, None), out_shardings=(stage.shardings, None),
+                    in_shardings=(stage.shardings, None, None),
+                    out_shardings=(stage.shardings, None),
                     donate_argnums=0)
   eval_set = run.eval_examples(ctx)
   eval_prompt_len = ctx.config.rl.max_prompt_len
@@ -84,6 +87,7 @@ def train(ctx: run.Context) -> run.Stage:
       stage.check_finite(step, state, data_iter.get_state())
       stage.save(step, state, data_iter.get_state(), force=step == cfg.steps)
 
-  run.interruptible(loop, lambda: stage.save_if_consistent(state, boundary["step"], boundary["data"]))
+  run.interruptible(
+      loop, lambda: stage.save_if_consistent(state, boundary["step"], boundary["data"]))
   stage.close(PANELS)
   return stage

@@ -27,7 +27,7 @@ def create(params, optimizer: optax.GradientTransformation) -> TrainState:
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh) -> TrainState:
   """NamedShardings for a TrainState: params by their logical axes, optimizer moments alike,
   counters replicated."""
-  abstract_params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+  abstract_params = model.abstract_params(cfg)
   param_shardings = sharding.param_shardings(model.logical_axes(cfg), abstract_params, mesh)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
@@ -37,8 +37,9 @@ def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, m
   return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings)
 
 
-def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation, shardings: TrainState):
+def abstract_state(cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                   shardings: TrainState):
   """ShapeDtypeStructs (with shardings) of a TrainState: the restore target for checkpoints."""
-  shapes = jax.eval_shape(lambda: create(model.init(cfg, jax.random.key(0)), optimizer))
+  shapes = jax.eval_shape(lambda p: create(p, optimizer), model.abstract_params(cfg))
   return jax.tree.map(lambda s, shard: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=shard),
                       shapes, shardings)

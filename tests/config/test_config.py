@@ -53,13 +53,15 @@ def test_released_config_equals_456b_preset():
   cfg = config.ModelConfig.from_hf(RELEASED_M1_CONFIG)
   assert cfg == config.preset("minimax-m1-456b")
   assert cfg.num_lightning_layers == 70 and cfg.num_softmax_layers == 10
-  assert [i for i, lightning in enumerate(cfg.is_lightning) if not lightning] == list(range(7, 80, 8))
+  assert ([i for i, lightning in enumerate(cfg.is_lightning) if not lightning]
+          == list(range(7, 80, 8)))
   assert cfg.slope_convention == "original" and cfg.effective_rotary_dim == 64
 
 
 def test_from_hf_reads_a_file_and_a_directory(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(RELEASED_M1_CONFIG))
-  assert config.ModelConfig.from_hf(tmp_path) == config.ModelConfig.from_hf(tmp_path / "config.json")
+  assert (config.ModelConfig.from_hf(tmp_path)
+          == config.ModelConfig.from_hf(tmp_path / "config.json"))
 
 
 def test_transformers_dialect_maps_to_the_same_fields():
@@ -95,7 +97,8 @@ def test_rope_full_head_knob():
 @pytest.mark.parametrize("changes, message", [
     (dict(attn_type_list=(0, 0, 1)), "attn_type_list has 3 entries but num_hidden_layers=4"),
     (dict(attn_type_list=(0, 0, 2, 1)), "unknown layer type 2"),
-    (dict(num_key_value_heads=3), "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
+    (dict(num_key_value_heads=3),
+     "num_attention_heads=4 is not divisible by num_key_value_heads=3"),
     (dict(num_experts_per_tok=5), "num_experts_per_tok=5 exceeds num_local_experts=4"),
     (dict(rotary_dim=7), "rotary_dim=7: must be even"),
     (dict(rotary_dim=32), "rotary_dim=32: exceeds head_dim=16"),

@@ -19,8 +19,9 @@ from m1jax import config, convert, model
 # float32 model vs float64 transformers: fp32 rounding through <= 8 layers stays far below this.
 FP32_TOL = 1e-4
 # bfloat16 compute (8-bit mantissa: 3.9e-3 per rounding) through 4-8 post-norm layers, LM head in
-# fp32: measured max |diff| / max |ref| 8.8e-3..1.7e-2 over 3 seeds x these 3 configs (fp32: 2-5e-7).
-# 4e-2 leaves room for seed variation while any wrong weight mapping gives O(1) errors.
+# fp32: measured max |diff| / max |ref| 8.8e-3..1.7e-2 over 3 seeds x these 3 configs
+# (fp32: 2-5e-7). 4e-2 leaves room for seed variation while any wrong weight mapping gives O(1)
+# errors.
 BF16_TOL = 4e-2
 
 LT, FT = "linear_attention", "full_attention"
@@ -32,9 +33,9 @@ CONFIGS = {
                      mlp_alpha_factor=1.5, mlp_beta_factor=0.9),
     # The 7:1 layout, MHA, top-2 of 6, block 4.
     "hybrid_7to1": dict(num_hidden_layers=8, layer_types=[LT] * 7 + [FT], num_attention_heads=8,
-                        num_key_value_heads=8, head_dim=4, num_local_experts=6, num_experts_per_tok=2,
-                        block_size=4, full_attn_alpha_factor=2.0, linear_attn_alpha_factor=2.0,
-                        mlp_alpha_factor=2.0),
+                        num_key_value_heads=8, head_dim=4, num_local_experts=6,
+                        num_experts_per_tok=2, block_size=4, full_attn_alpha_factor=2.0,
+                        linear_attn_alpha_factor=2.0, mlp_alpha_factor=2.0),
     # Softmax first and last, MQA, top-3 of 5, block 7, non-unit betas.
     "mqa_top3": dict(num_hidden_layers=4, layer_types=[FT, LT, LT, FT], num_attention_heads=2,
                      num_key_value_heads=1, head_dim=16, num_local_experts=5, num_experts_per_tok=3,
@@ -133,7 +134,8 @@ def test_sharded_checkpoint_and_fused_expert_names(tmp_path):
   assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
   ref.save_pretrained(tmp_path / "per_expert")
   (tmp_path / "fused").mkdir()
-  (tmp_path / "fused" / "config.json").write_text((tmp_path / "per_expert" / "config.json").read_text())
+  (tmp_path / "fused" / "config.json").write_text(
+      (tmp_path / "per_expert" / "config.json").read_text())
   keys = sorted(state)
   shards = [keys[i::3] for i in range(3)]
   weight_map = {}
@@ -142,7 +144,8 @@ def test_sharded_checkpoint_and_fused_expert_names(tmp_path):
     safetensors.numpy.save_file({k: np.ascontiguousarray(state[k]) for k in shard_keys},
                                 tmp_path / "fused" / name)
     weight_map.update({k: name for k in shard_keys})
-  (tmp_path / "fused" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+  (tmp_path / "fused" / "model.safetensors.index.json").write_text(
+      json.dumps({"weight_map": weight_map}))
   _, fused = convert.load_hf(tmp_path / "fused", dtype="float32")
   _, per_expert = convert.load_hf(tmp_path / "per_expert", dtype="float32")
   for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(per_expert)):

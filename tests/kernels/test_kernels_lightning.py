@@ -27,6 +27,8 @@ SLOPES = (2.0, 0.05, 1e-4)
 # Small tiles for the interpreter: 3 segments of 16 tokens over T = 40 (the last block is ragged).
 CPU_SEGMENTED = KernelConfig(block_size=16, value_tile=16, segment_len=16)
 CPU_ONE_SEGMENT = KernelConfig(block_size=16, value_tile=32, segment_len=1 << 20)
+# Segments of 32 tokens whose local states are summed in 32-token blocks (state_block_size).
+CPU_STATE_BLOCKS = KernelConfig(block_size=16, value_tile=16, segment_len=32, state_block_size=32)
 
 
 def _rel_err(got, want):
@@ -88,7 +90,8 @@ def _check_decode(dtype, batch, dim, interpret, value_tile, seed=2):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("config", [CPU_SEGMENTED, CPU_ONE_SEGMENT], ids=["segments", "one"])
+@pytest.mark.parametrize("config", [CPU_SEGMENTED, CPU_ONE_SEGMENT, CPU_STATE_BLOCKS],
+                         ids=["segments", "one", "state_blocks"])
 def test_forward_matches_recurrent(dtype, config):
   _check_forward(dtype, batch=2, seq_len=40, dim=32, config=config, interpret=True)
 
@@ -105,6 +108,10 @@ def test_vjp_matches_recurrent(dtype):
 
 def test_vjp_one_segment():
   _check_vjp(jnp.float32, batch=1, seq_len=40, dim=32, config=CPU_ONE_SEGMENT, interpret=True)
+
+
+def test_vjp_state_blocks():
+  _check_vjp(jnp.float32, batch=1, seq_len=75, dim=16, config=CPU_STATE_BLOCKS, interpret=True)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -176,7 +183,8 @@ def test_lowers_to_triton_for_cuda(monkeypatch):
   assert num_triton_calls(lightning_attention_decode, token, token, token, slope, state) == 1
 
 
-GPU_CONFIGS = [KernelConfig(), KernelConfig(block_size=64, value_tile=64, segment_len=128),
+GPU_CONFIGS = [KernelConfig(), KernelConfig(block_size=64, value_tile=64, segment_len=128,
+                                            state_block_size=128),
                KernelConfig(block_size=128, value_tile=128, num_warps=8, num_stages=2,
                             segment_len=1 << 20)]
 
@@ -189,9 +197,13 @@ def test_gpu_forward_matches_recurrent(dtype, dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_CONFIGS[1:], ids=["segments", "one"])
-def test_gpu_forward_other_tilings(config):
-  _check_forward(jnp.bfloat16, batch=2, seq_len=300, dim=128, config=config, interpret=False)
+@pytest.mark.parametrize("config, dtype", [(GPU_CONFIGS[1], jnp.float32),
+                                           (GPU_CONFIGS[1], jnp.bfloat16),
+                                           (GPU_CONFIGS[2], jnp.bfloat16)],
+                         ids=["segments-float32", "segments-bfloat16", "one-bfloat16"])
+def test_gpu_forward_other_tilings(config, dtype):
+  # The 128 x 128 tiling holds bf16 blocks only: float32 ones exceed the H200's shared memory.
+  _check_forward(dtype, batch=2, seq_len=300, dim=128, config=config, interpret=False)
 
 
 @pytest.mark.gpu

@@ -55,9 +55,10 @@ def test_dropless_equals_dense_reference_values_and_gradients():
   ragged = run(moe.experts_dropless, h, w1, w3, w2)
   assert _rel(ragged, dense) <= TOL
   cot = jax.random.normal(jax.random.key(5), dense.shape)
-  g_dense = jax.grad(lambda *a: jnp.sum(run(moe.experts_dense, *a) * cot), argnums=(0, 1, 2, 3))(h, w1, w3, w2)
-  g_ragged = jax.grad(lambda *a: jnp.sum(run(moe.experts_dropless, *a) * cot), argnums=(0, 1, 2, 3))(
-      h, w1, w3, w2)
+  g_dense = jax.grad(lambda *a: jnp.sum(run(moe.experts_dense, *a) * cot),
+                     argnums=(0, 1, 2, 3))(h, w1, w3, w2)
+  g_ragged = jax.grad(lambda *a: jnp.sum(run(moe.experts_dropless, *a) * cot),
+                      argnums=(0, 1, 2, 3))(h, w1, w3, w2)
   for a, b in zip(g_ragged, g_dense):
     assert _rel(a, b) <= TOL
 
@@ -93,7 +94,8 @@ def test_aux_loss_is_switch_style_over_pooled_layers():
 def test_moe_impls_agree_in_the_model(tiny):
   cfg, params = tiny
   tokens = _tokens(cfg, (2, 19))
-  outs = {impl: forward(cfg.replace(moe_impl=impl), params, tokens).logits for impl in ("ragged", "dense")}
+  outs = {impl: forward(cfg.replace(moe_impl=impl), params, tokens).logits
+          for impl in ("ragged", "dense")}
   outs["capacity"] = forward(cfg.replace(moe_capacity_factor=8.0), params, tokens).logits
   assert _rel(outs["ragged"], outs["dense"]) <= TOL
   assert _rel(outs["capacity"], outs["dense"]) <= TOL
@@ -144,8 +146,8 @@ def test_456b_preset_counts_without_allocating():
   assert counts["active_per_token"] == 45_944_920_064  # 45.94B excluding embedding and LM head
   assert counts["active_with_lm_head"] == 47_174_113_280  # 47.17B
   assert counts["total"] * 2 == 912_179_310_592  # bf16 bytes; the published file adds decay buffers
-  assert counts["lightning_layers"] + counts["softmax_layers"] + counts["moe"] + counts["embedding"] + \
-      counts["lm_head"] + counts["final_norm"] == counts["total"]
+  assert counts["lightning_layers"] + counts["softmax_layers"] + counts["moe"] + \
+      counts["embedding"] + counts["lm_head"] + counts["final_norm"] == counts["total"]
 
 
 def test_small_preset_is_within_its_size_class():
@@ -162,7 +164,8 @@ def test_every_param_has_logical_axes(tiny):
     assert len(spec) == leaf.ndim
 
 
-@pytest.mark.parametrize("mesh_shape", [{"fsdp": 2, "tensor": 2, "expert": 2}, {"data": 2, "fsdp": 4}])
+@pytest.mark.parametrize("mesh_shape", [{"fsdp": 2, "tensor": 2, "expert": 2},
+                                        {"data": 2, "fsdp": 4}])
 def test_sharded_forward_equals_single_device(tiny, mesh_shape):
   assert jax.device_count() >= 8, "tests/conftest.py sets 8 fake CPU devices"
   cfg, params = tiny

@@ -17,7 +17,8 @@ TOL = 1e-5
 def _loss_and_grads(cfg, params, tokens):
   def loss(p):
     out = model.forward(cfg, p, tokens)
-    return jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0]) + out.aux_loss, out.logits
+    return (jnp.mean(jax.nn.logsumexp(out.logits, -1) - out.logits[..., 0]) + out.aux_loss,
+            out.logits)
   (value, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
   return value, logits, grads
 

@@ -45,7 +45,8 @@ def reference_logits(cfg, params, tokens):
     if cfg.is_lightning[layer]:
       qkv = _silu(np.einsum("te,ehf->thf", h, a["qkv"]))
       q, k, v = qkv[..., :d], qkv[..., d:2 * d], qkv[..., 2 * d:]
-      denominator = cfg.num_hidden_layers - 1 + (1e-5 if cfg.slope_convention == "transformers" else 0)
+      denominator = cfg.num_hidden_layers - 1 + (
+          1e-5 if cfg.slope_convention == "transformers" else 0)
       slope = 2.0 ** (-8 * (np.arange(h_) + 1) / h_) * (1 - layer / denominator + 1e-5)
       state = np.zeros((h_, d, d))
       o = np.zeros((t, h_, d))
@@ -109,7 +110,8 @@ def test_logits_match_numpy_reference(changes):
   cfg = config.preset("tiny", dtype="float32", block_size=8, **changes)
   params = _perturbed_params(cfg, 0)
   tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 19), 0, cfg.vocab_size))
-  got = np.asarray(jax.jit(lambda p, t: model.forward(cfg, p, t).logits)(params, jnp.asarray(tokens)))
+  got = np.asarray(
+      jax.jit(lambda p, t: model.forward(cfg, p, t).logits)(params, jnp.asarray(tokens)))
   for b in range(tokens.shape[0]):
     ref = reference_logits(cfg, params, tokens[b])
     assert np.max(np.abs(got[b] - ref)) / np.max(np.abs(ref)) <= TOL

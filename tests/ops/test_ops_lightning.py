@@ -88,7 +88,8 @@ def test_bf16_inputs_return_bf16_with_float32_state():
 def test_decode_step_continues_a_prefill():
   q, k, v, slope, state = _inputs(4, 2, 12, 2, 8)
   o_ref, s_ref = ops.lightning_attention_recurrent(q, k, v, slope, state)
-  _, s = ops.lightning_attention_blockwise(q[:, :11], k[:, :11], v[:, :11], slope, state, block_size=4)
+  _, s = ops.lightning_attention_blockwise(q[:, :11], k[:, :11], v[:, :11], slope, state,
+                                           block_size=4)
   o_last, s = ops.lightning_decode_step(q[:, 11], k[:, 11], v[:, 11], slope, s)
   assert _rel(o_last, o_ref[:, 11]) <= RTOL and _rel(s, s_ref) <= RTOL
 
@@ -96,14 +97,17 @@ def test_decode_step_continues_a_prefill():
 def test_decay_slopes_match_the_formula():
   h, num_layers = 8, 10
   for layer in (0, 4, 9):
-    expected_original = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1) + 1e-5) for i in range(h)]
-    expected_hf = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1 + 1e-5) + 1e-5) for i in range(h)]
+    expected_original = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1) + 1e-5)
+                         for i in range(h)]
+    expected_hf = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1 + 1e-5) + 1e-5)
+                   for i in range(h)]
     np.testing.assert_allclose(ops.decay_slopes(h, layer, num_layers), expected_original, rtol=1e-6)
     np.testing.assert_allclose(ops.decay_slopes(h, layer, num_layers, "transformers"), expected_hf,
                                rtol=1e-6)
   # Released model: layer 0 decays span [0.400, 0.9961] (minimax_m1_facts.md).
   decays = np.exp(-np.asarray(ops.decay_slopes(64, 0, 80)))
-  assert decays.min() == pytest.approx(0.400, abs=1e-3) and decays.max() == pytest.approx(0.9961, abs=1e-4)
+  assert (decays.min() == pytest.approx(0.400, abs=1e-3)
+          and decays.max() == pytest.approx(0.9961, abs=1e-4))
 
 
 def test_bad_shapes_raise():

@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _micro(**changes):
-  spec = importlib.util.spec_from_file_location("micro_config", os.path.join(ROOT, "tests/train/micro_config.py"))
+  spec = importlib.util.spec_from_file_location(
+      "micro_config", os.path.join(ROOT, "tests/train/micro_config.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
@@ -71,7 +72,8 @@ def test_bad_configs_fail_fast_naming_the_key(override, message, tmp_path):
 def test_base_and_shipped_configs_validate():
   for name in ("configs/demo.py",) + tuple(
       os.path.join("configs", d, f) for d in ("rl", "sft")
-      for f in sorted(os.listdir(os.path.join(ROOT, "configs", d))) if f.endswith(".py")):
+      for f in sorted(os.listdir(os.path.join(ROOT, "configs", d)))
+      if f.endswith(".py") and not f.startswith("_")):
     spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, name))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -129,7 +131,8 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, monke
   with pytest.raises(run.NonFiniteError, match="2 consecutive steps had a non-finite"):
     driver.run_from_config(config, str(tmp_path))
   records = _records(tmp_path, "rl")
-  assert [r["skipped"] for r in records if "skipped" in r] == [1.0]  # step 1 (2 updates, both skipped)
+  # Step 1 (2 updates, both skipped), then the stop.
+  assert [r["skipped"] for r in records if "skipped" in r] == [1.0]
   checkpoints = os.listdir(tmp_path / "rl" / "checkpoints")
   assert "1" in checkpoints
 
@@ -171,7 +174,8 @@ def test_two_process_run_on_localhost(tmp_path):
   """jax.distributed with 2 CPU processes (2 devices each): a 2-step SFT run completes."""
   import portpicker  # pylint: disable=g-import-not-at-top
   port = portpicker.pick_unused_port()
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+         "JAX_PLATFORMS": "cpu"}
   common = [sys.executable, "-m", "experiments.train", "--config=tests/train/micro_config.py",
             f"--workdir={tmp_path}", "--config.mode=sft", "--config.sft.steps=2",
             "--num_processes=2", f"--coordinator_address=localhost:{port}"]

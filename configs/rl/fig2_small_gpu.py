@@ -1,0 +1,31 @@
+r"""A larger Fig. 2 run for one GPU: the small preset (0.75B, 7:1 layout, bf16) on 1-4 digit
+addition, 64 prompts x 16 samples per step.
+
+  python -m experiments.figures.fig2_objectives --config=configs/rl/fig2_small_gpu.py \
+      --out_dir=results/fig2_gpu --rl_steps=200 --eval_every=20 --workers=1
+  python -m experiments.train --config=configs/rl/fig2_small_gpu.py --workdir=workdirs/fig2_gpu
+
+The second command trains one SFT + CISPO run. Not yet run on a GPU (no timing to quote).
+"""
+
+from configs import common
+from m1jax.train import defaults
+
+
+def get_config():
+  c = common.arithmetic("sft_rl")
+  c.model = defaults.model_fields("small", dtype="bfloat16")
+  c.task.kwargs.max_digits = 4
+  c.sft.steps = 600
+  c.sft.batch_size = 128
+  c.sft.optimizer.learning_rate = 3e-4
+  c.sft.optimizer.warmup_steps = 50
+  c.rl.prompts_per_step = 64
+  c.rl.samples_per_prompt = 16
+  c.rl.max_new_tokens = 64
+  c.rl.max_prompt_len = 24
+  c.rl.optimizer.learning_rate = 1e-5
+  c.rl.steps = 200
+  c.eval.max_new_tokens = 64
+  c.eval.batch_size = 256
+  return c

@@ -1,0 +1,71 @@
+r"""Fig. 2 at small scale: CISPO vs DAPO vs GRPO vs GSPO from one SFT start, several seeds, with 16
+off-policy updates per generation batch (the paper's regime) and with 1.
+
+  python -m experiments.figures.fig2_objectives --out_dir=results/fig2
+
+CPU-sized defaults (the arithmetic task and model of configs/sft/arithmetic.py, 40 RL steps,
+3 seeds, 2 worker processes): about 35 minutes on 2 cores; rerunning skips finished runs. On a
+GPU, a larger run: --config=configs/rl/fig2_small_gpu.py --workers=1.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+from m1jax.analysis import objectives
+
+_CONFIG = flags.DEFINE_string("config", "configs/sft/arithmetic.py", "Config of the SFT start "
+                              "and the RL runs (model, task, batch sizes).")
+_OUT_DIR = flags.DEFINE_string("out_dir", "results/fig2", "Runs, table, CSV and PNG.")
+_KINDS = flags.DEFINE_list("kinds", ["cispo", "dapo", "grpo", "gspo"], "RL objectives.")
+_UPDATES = flags.DEFINE_list("updates", ["16", "1"], "Minibatch updates per generation batch.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (prompt order and sampling).")
+_RL_STEPS = flags.DEFINE_integer("rl_steps", 40, "RL steps per run (same budget for all).")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 5, "Held-out evaluation interval.")
+_WORKERS = flags.DEFINE_integer("workers", 2, "Runs trained at once.")
+
+
+def main(argv):
+  del argv
+  out = _OUT_DIR.value
+  sft_workdir = os.path.join(out, "sft")
+  if not os.path.exists(os.path.join(sft_workdir, "summary.json")):
+    subprocess.run([sys.executable, "-m", "experiments.train", f"--config={_CONFIG.value}",
+                    f"--workdir={sft_workdir}", "--config.mode=sft", "--config.progress=False"],
+                   check=True)
+  overrides = [f"--config.rl.steps={_RL_STEPS.value}",
+               f"--config.rl.eval_every={_EVAL_EVERY.value}"]
+  runs = objectives.run_grid(_CONFIG.value, os.path.join(sft_workdir, "sft"), out, _KINDS.value,
+                             [int(u) for u in _UPDATES.value], [int(s) for s in _SEEDS.value],
+                             overrides, workers=_WORKERS.value)
+  curves = objectives.collect(out, runs)
+  rows = objectives.summary_rows(curves)
+  with open(os.path.join(out, "fig2_summary.csv"), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+  with open(os.path.join(out, "fig2_curves.csv"), "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["kind", "updates_per_batch", "seed_index", "step", "eval_accuracy"])
+    for (kind, mu), c in sorted(curves.items()):
+      for i, accuracy in enumerate(c["accuracy"]):
+        writer.writerows([kind, mu, i, int(s), float(a)] for s, a in zip(c["steps"], accuracy))
+  lines = ["| objective | updates/batch | seeds | start | final (mean +- std) | best mean | "
+           "steps to reach DAPO's final | ratio to DAPO |", "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['kind']} | {r['updates_per_batch']} | {r['seeds']} | {r['start']:.3f} | "
+                 f"{r['final_mean']:.3f} +- {r['final_std']:.3f} | {r['best_mean']:.3f} | "
+                 f"{r['steps_to_threshold']:.1f} | {r['ratio_to_reference']:.2f} |")
+  table = "\n".join(lines)
+  with open(os.path.join(out, "fig2_table.md"), "w") as f:
+    f.write(table + "\n")
+  objectives.plot(curves, os.path.join(out, "fig2_objectives.png"),
+                  f"held-out accuracy vs RL step, mean +- std over seeds ({_CONFIG.value})")
+  print(table)
+
+
+if __name__ == "__main__":
+  app.run(main)
