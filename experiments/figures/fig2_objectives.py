@@ -4,8 +4,9 @@ off-policy updates per generation batch (the paper's regime) and with 1.
   python -m experiments.figures.fig2_objectives --out_dir=results/fig2
 
 CPU-sized defaults (the arithmetic task and model of configs/sft/arithmetic.py, 40 RL steps,
-3 seeds, 2 worker processes): about 35 minutes on 2 cores; rerunning skips finished runs. On a
-GPU, a larger run: --config=configs/rl/fig2_small_gpu.py --workers=1.
+3 seeds, 4 objectives plus CISPO with cap 1.28, 16 and 1 updates per batch, 2 worker processes):
+about 85 minutes on 2 cores; rerunning skips finished runs. On a GPU, a larger run:
+--config=configs/rl/fig2_small_gpu.py --workers=1.
 """
 
 import csv
@@ -26,6 +27,8 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "RL seeds (prompt order and
 _RL_STEPS = flags.DEFINE_integer("rl_steps", 40, "RL steps per run (same budget for all).")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 5, "Held-out evaluation interval.")
 _WORKERS = flags.DEFINE_integer("workers", 2, "Runs trained at once.")
+_CISPO_CAPS = flags.DEFINE_list("extra_cispo_caps", ["1.28"], "Further CISPO runs with these "
+                                "absolute IS-weight caps (the config's cap is 5).")
 
 
 def main(argv):
@@ -40,7 +43,8 @@ def main(argv):
                f"--config.rl.eval_every={_EVAL_EVERY.value}"]
   runs = objectives.run_grid(_CONFIG.value, os.path.join(sft_workdir, "sft"), out, _KINDS.value,
                              [int(u) for u in _UPDATES.value], [int(s) for s in _SEEDS.value],
-                             overrides, workers=_WORKERS.value)
+                             overrides, workers=_WORKERS.value,
+                             extra_cispo_caps=[float(c) for c in _CISPO_CAPS.value])
   curves = objectives.collect(out, runs)
   rows = objectives.summary_rows(curves)
   with open(os.path.join(out, "fig2_summary.csv"), "w", newline="") as f:

@@ -31,17 +31,27 @@ class Run:
   kind: str
   updates_per_batch: int
   seed: int
+  is_ratio_cap: float | None = None  # CISPO's cap when it differs from the config's
+
+  @property
+  def label(self) -> str:
+    return self.kind if self.is_ratio_cap is None else f"{self.kind} (cap {self.is_ratio_cap:g})"
 
   @property
   def name(self) -> str:
-    return f"{self.kind}_mu{self.updates_per_batch}_seed{self.seed}"
+    cap = "" if self.is_ratio_cap is None else f"_cap{self.is_ratio_cap:g}"
+    return f"{self.kind}{cap}_mu{self.updates_per_batch}_seed{self.seed}"
 
 
 def run_grid(config_path: str, sft_dir: str, out_dir: str, kinds: Sequence[str],
              updates: Sequence[int], seeds: Sequence[int], overrides: Sequence[str] = (),
-             workers: int = 2, log=print) -> list[Run]:
-  """Trains every run (skipping finished ones) with `workers` experiments.train processes."""
+             workers: int = 2, extra_cispo_caps: Sequence[float] = (), log=print) -> list[Run]:
+  """Trains every run (skipping finished ones) with `workers` experiments.train processes.
+
+  extra_cispo_caps: further CISPO runs, one per absolute IS-weight cap, beside the config's.
+  """
   runs = [Run(k, mu, s) for mu in updates for s in seeds for k in kinds]
+  runs += [Run("cispo", mu, s, cap) for cap in extra_cispo_caps for mu in updates for s in seeds]
   env = dict(os.environ)
   env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out_dir, "jax_cache"))
 
@@ -54,6 +64,8 @@ def run_grid(config_path: str, sft_dir: str, out_dir: str, kinds: Sequence[str],
                f"--config.rl.loss.kind={run.kind}",
                f"--config.rl.updates_per_batch={run.updates_per_batch}",
                f"--config.seed={run.seed}", "--config.progress=False", *overrides]
+    if run.is_ratio_cap is not None:
+      command.append(f"--config.rl.loss.is_ratio_cap={run.is_ratio_cap}")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "stdout.log"), "w") as f:
       code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
@@ -68,7 +80,7 @@ def run_grid(config_path: str, sft_dir: str, out_dir: str, kinds: Sequence[str],
 
 
 def collect(out_dir: str, runs: Sequence[Run]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
-  """{(kind, mu): {"steps": [S], "accuracy": [seeds, S]}} from each run's eval records."""
+  """{(label, mu): {"steps": [S], "accuracy": [seeds, S]}} from each run's eval records."""
   curves: dict[tuple[str, int], dict[str, list]] = {}
   for run in runs:
     path = os.path.join(out_dir, "runs", run.name, "rl", "metrics.jsonl")
@@ -76,7 +88,8 @@ def collect(out_dir: str, runs: Sequence[Run]) -> dict[tuple[str, int], dict[str
       records = [json.loads(line) for line in f]
     evals = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
     steps, accuracy = zip(*evals)
-    entry = curves.setdefault((run.kind, run.updates_per_batch), {"steps": steps, "accuracy": []})
+    entry = curves.setdefault((run.label, run.updates_per_batch),
+                              {"steps": steps, "accuracy": []})
     if tuple(steps) != tuple(entry["steps"]):
       raise ValueError(f"{run.name}: evaluated at steps {steps}, others at {entry['steps']}")
     entry["accuracy"].append(accuracy)
@@ -130,9 +143,10 @@ def plot(curves, path: str, title: str) -> None:
       if m != mu:
         continue
       mean, std = c["accuracy"].mean(0), c["accuracy"].std(0)
-      ax.plot(c["steps"], mean, label=f"{kind} ({c['accuracy'].shape[0]} seeds)",
-              color=colors.get(kind))
-      ax.fill_between(c["steps"], mean - std, mean + std, alpha=0.2, color=colors.get(kind))
+      color = colors.get(kind, "tab:orange")
+      ax.plot(c["steps"], mean, label=f"{kind} ({c['accuracy'].shape[0]} seeds)", color=color,
+              linestyle="--" if "cap" in kind else "-")
+      ax.fill_between(c["steps"], mean - std, mean + std, alpha=0.2, color=color)
     ax.set_title(f"ours: {mu} update(s) per generation batch")
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out accuracy (greedy)")

@@ -14,7 +14,7 @@ from m1jax import config, generate, model
 
 FinishReason = generate.FinishReason
 N = 32
-WINDOW, PROB = 3, 0.8
+PROB = 0.8
 PROMPT_LENGTHS = (3, 5, 8, 11, 14, 21, 25, 30)
 FREE = generate.GenerateConfig(max_new_tokens=N, sampling=generate.SamplingConfig(1.0),
                                eos_token_ids=(), repetition_window=0)
@@ -32,7 +32,7 @@ def _setup():
   return cfg, params, prompts, free
 
 
-def _expected_stop(tokens, logprobs, eos, stop):
+def _expected_stop(tokens, logprobs, eos, stop, window):
   """Reference rule on an unrestricted row -> (length, reason)."""
   run = 0
   for i, (token, logprob) in enumerate(zip(tokens, logprobs)):
@@ -41,34 +41,59 @@ def _expected_stop(tokens, logprobs, eos, stop):
       return i + 1, FinishReason.EOS
     if token in stop:
       return i + 1, FinishReason.STOP_TOKEN
-    if run >= WINDOW:
+    if run >= window:
       return i + 1, FinishReason.REPETITION
   return len(tokens), FinishReason.LENGTH
 
 
-def _has_near_miss(probs):
-  """A run of exactly WINDOW - 1 probabilities > PROB followed by one <= PROB."""
+def _longest_run(probs):
+  longest = run = 0
+  for p in probs:
+    run = run + 1 if p > PROB else 0
+    longest = max(longest, run)
+  return longest
+
+
+def _has_near_miss(probs, window):
+  """A run of exactly window - 1 probabilities > PROB followed by one <= PROB."""
   run = 0
   for p in probs:
-    if p <= PROB and run == WINDOW - 1:
+    if p <= PROB and run == window - 1:
       return True
     run = run + 1 if p > PROB else 0
   return False
 
 
+def _rules_for(free):
+  """Stop rules chosen from the free run so that every finish reason occurs: row 0's first token
+  seen in no other row is EOS, row 1's likewise a stop token, and the repetition window is the
+  longest high-probability run of rows 2.. (the rows with shorter runs run to the length)."""
+  tokens = np.asarray(free.tokens)
+
+  def unique_token(row, start):
+    others = set(np.delete(tokens, row, axis=0).ravel().tolist())
+    return next(int(t) for t in tokens[row, start:] if int(t) not in others)
+
+  eos = (unique_token(0, 3),)
+  stop = (unique_token(1, 5),)
+  window = max(_longest_run(np.exp(lp)) for lp in np.asarray(free.logprobs)[2:])
+  return eos, stop, window
+
+
 def test_run_with_all_rules_is_the_free_run_cut_where_a_rule_first_fires():
   cfg, params, prompts, free = _setup()
-  # Row 0's 6th token ends rows as EOS, row 1's 9th as a stop token (wherever they occur first).
-  eos, stop = (int(free.tokens[0, 5]),), (int(free.tokens[1, 8]),)
+  eos, stop, window = _rules_for(free)
+  assert window >= 2
   rules = generate.GenerateConfig(max_new_tokens=N, sampling=generate.SamplingConfig(1.0),
                                   eos_token_ids=eos, stop_token_ids=stop,
-                                  repetition_window=WINDOW, repetition_prob=PROB)
+                                  repetition_window=window, repetition_prob=PROB)
   out = jax.device_get(generate.generate(cfg, params, prompts, rules, key=jax.random.key(1)))
-  expected = [_expected_stop(t, lp, eos, stop) for t, lp in zip(free.tokens, free.logprobs)]
-  # The case covers every reason, and a near miss (a run of WINDOW - 1 that breaks) that must
+  expected = [_expected_stop(t, lp, eos, stop, window)
+              for t, lp in zip(free.tokens, free.logprobs)]
+  # The case covers every reason, and a near miss (a run of window - 1 that breaks) that must
   # not fire.
   assert {reason for _, reason in expected} == set(FinishReason), expected
-  assert any(_has_near_miss(np.exp(logprobs[:length]))
+  assert any(_has_near_miss(np.exp(logprobs[:length]), window)
              for logprobs, (length, _) in zip(free.logprobs, expected))
   for b, (length, reason) in enumerate(expected):
     assert int(out.lengths[b]) == length, (b, expected[b])
