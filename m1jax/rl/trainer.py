@@ -20,7 +20,7 @@ from m1jax.config import ModelConfig
 from m1jax.data import pipeline
 from m1jax.generate import sampling
 from m1jax.rl import advantages as advantages_lib
-from m1jax.rl import losses, rewards
+from m1jax.rl import losses
 from m1jax.train import evaluation, optimizer as optimizer_lib, run
 from m1jax.train.state import TrainState
 
@@ -119,7 +119,6 @@ class Sampler:
                                          top_p=rl.top_p),
         eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
         repetition_window=rl.repetition_window, repetition_prob=rl.repetition_prob)
-    self.task_reward = rewards.get_reward_fn("task")
 
   def __call__(self, params, batch: pipeline.PromptBatch, key) -> Rollouts:
     g = self.rl.samples_per_prompt
@@ -129,11 +128,7 @@ class Sampler:
     out = generate.generate(self.ctx.model_cfg, params, run.to_global(tokens, self.ctx.mesh),
                             self.gen_cfg, prompt_mask=run.to_global(mask, self.ctx.mesh), key=key)
     completions, lengths = run.to_host(out.tokens), run.to_host(out.lengths)
-    scores = rewards.score_responses(self.ctx.reward_fn, self.ctx.tokenizer, completions, examples,
-                                     lengths=lengths)
-    correct = rewards.score_responses(self.task_reward, self.ctx.tokenizer, completions, examples,
-                                      lengths=lengths).rewards
-    reward = scores.rewards
+    reward, correct = run.score(self.ctx, completions, examples, lengths)
     overlong = self.rl.overlong
     if overlong.enabled:
       reward = reward + np.asarray(advantages_lib.overlong_penalty(

@@ -6,7 +6,6 @@ import numpy as np
 
 from m1jax import generate
 from m1jax.data import pipeline
-from m1jax.rl import rewards
 from m1jax.train import run
 
 
@@ -18,7 +17,6 @@ def evaluate(ctx: run.Context, params, examples: list, max_prompt_len: int) -> d
       max_new_tokens=cfg.max_new_tokens, sampling=generate.SamplingConfig(temperature=0.0),
       eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id, repetition_window=0)
   batch_size = -(-cfg.batch_size // ctx.batch_devices) * ctx.batch_devices
-  task_reward = rewards.get_reward_fn("task")
   totals = {"reward": [], "accuracy": [], "length": []}
   for batch in pipeline.eval_prompt_batches(examples, ctx.tokenizer, batch_size=batch_size,
                                             max_prompt_len=max_prompt_len):
@@ -27,11 +25,8 @@ def evaluate(ctx: run.Context, params, examples: list, max_prompt_len: int) -> d
     tokens, lengths = run.to_host(out.tokens), run.to_host(out.lengths)
     valid = np.asarray(batch.valid)
     examples_b = list(batch.examples)
-    combined = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples_b,
-                                       lengths=lengths)
-    correct = rewards.score_responses(task_reward, ctx.tokenizer, tokens, examples_b,
-                                      lengths=lengths)
-    totals["reward"].append(combined.rewards[valid])
-    totals["accuracy"].append(correct.rewards[valid])
+    reward, correct = run.score(ctx, tokens, examples_b, lengths)
+    totals["reward"].append(reward[valid])
+    totals["accuracy"].append(correct[valid])
     totals["length"].append(lengths[valid])
   return {f"eval/{k}": float(np.mean(np.concatenate(v))) for k, v in totals.items()}

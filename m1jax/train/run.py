@@ -106,12 +106,20 @@ def initial_params(ctx: Context, shardings):
   return model.init(ctx.model_cfg, jax.random.key(ctx.config.seed), shardings)
 
 
-def to_global(array: np.ndarray, mesh, batch_sharded: bool = True) -> jax.Array:
+def to_global(array: np.ndarray, mesh) -> jax.Array:
   """A host array (identical on every process) as a global device array, batch dim sharded."""
   array = np.asarray(array)
-  target = (sharding.batch_sharding(mesh, array.ndim) if batch_sharded
-            else jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  target = sharding.batch_sharding(mesh, array.ndim)
   return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+
+
+def score(ctx: Context, tokens: np.ndarray, examples, lengths: np.ndarray):
+  """Decodes responses once -> (combined reward [B] float32, task reward (correctness) [B])."""
+  scores = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples, lengths=lengths)
+  task_reward = rewards.get_reward_fn("task")
+  correct = np.asarray([task_reward(text, example)
+                        for text, example in zip(scores.texts, examples)], np.float32)
+  return scores.rewards, correct
 
 
 def to_host(array: jax.Array) -> np.ndarray:
