@@ -1,4 +1,5 @@
-"""Pallas GPU kernels for m1jax (Triton lowering; `interpret=True` runs them on CPU)."""
+"""Pallas GPU kernels for m1jax: Triton lowering (`interpret=True` runs them on CPU) and a Mosaic
+GPU forward for Hopper (pallas_kernels.lightning_mosaic), picked by lightning_attention."""
 
 from pallas_kernels.lightning_attention import DEFAULT_CONFIG
 from pallas_kernels.lightning_attention import KernelConfig

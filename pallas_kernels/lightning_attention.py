@@ -20,9 +20,16 @@ With G_t = dL/dS_t (0-based t), the backward is three sweeps:
 
 Parallelism: a program owns one value tile (`value_tile` columns of c) of one (batch, head) over
 one segment of the sequence. When B * H * tiles is too small to fill the GPU, the sequence is cut
-into segments: a first kernel computes each segment's local end state (from a zero start), and
-the sweep kernel, one program per segment, starts from the decayed sum of the earlier segments'
-local states. Only one [D, D] state per segment touches HBM; the forward keeps them for dq.
+into segments: a first kernel (the pre-pass) computes the local end state (from a zero start) of
+each of `state_split` equal parts of every segment, and the sweep kernel, one program per
+segment, starts from the decayed sum of the local states of the parts before it. Only one
+[D, D] state per part touches HBM; the forward keeps them for dq.
+
+Forward on Hopper: for bfloat16 inputs with D in {64, 128} and T a multiple of 64, the forward
+runs the Mosaic GPU kernel of `pallas_kernels.lightning_mosaic` (TMA loads, wgmma, one CTA per
+(batch, head) and segment; faster than the Triton sweep, docs/benchmarks.md); when B * H is
+below `min_programs` the sequence is cut into equal segments whose start states come from the
+Triton pre-pass. The backward always runs the Triton sweeps. `KernelConfig.forward_impl` picks.
 
 `slope` is not differentiated (its cotangent is zero): it is a fixed per-layer constant in
 MiniMax-M1.
@@ -38,6 +45,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
+
+from pallas_kernels import lightning_mosaic
 
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
@@ -56,12 +65,20 @@ class KernelConfig:
     segment_len: explicit segment length in tokens (rounded up to a multiple of block_size);
       overrides min_programs. A value >= T means one segment.
     num_warps: Triton warps per program.
-    state_block_size: tokens per block of the segment-state pre-pass (power of two >= 16). That
-      pass has no intra-block term, so a larger block costs no extra FLOPs and cuts its serial
-      steps; above block_size it runs with at most 2 pipeline stages to stay within shared
-      memory. Used when it divides the segment length, else block_size is used. The default
-      equals block_size (the measured configuration); larger values pass the GPU tests but are
-      not yet timed (docs/kernel_notes.md).
+    state_block_size: tokens per block of the pre-pass (power of two >= 16). That pass has no
+      intra-block term, so a larger block costs no extra FLOPs and cuts its serial steps. Used
+      when it divides the length of a part (below), else block_size is used.
+    state_split: pre-pass programs per segment: each segment's local state is computed in this
+      many parts in parallel (the largest divisor of the segment's block count up to this
+      value), which shortens the pre-pass by as much; the sweep then sums that many more
+      states. 1 computes one local state per segment.
+    state_num_stages: pipelining depth of the pre-pass; None: num_stages, at most 2 when
+      state_block_size > block_size (shared memory).
+    forward_impl: "auto" (the Mosaic GPU forward where it applies: compiled, a GPU of compute
+      capability 9.x, bfloat16, D in {64, 128}, T a multiple of 64, except where it would
+      split the sequence and the Triton sweep would not (B * H below min_programs <= 2 B * H
+      at D = 128, measured slower at T = 8K); else Triton), "mosaic" (that kernel or an error)
+      or "triton".
     num_stages: Triton software-pipelining depth of the block loop. Each stage holds a block
       of a, b and c in shared memory: block 128 x value tile 128 with 3 stages exceeds the
       H200's 227 KiB (the compiler asked for 288 KiB); the default's blocks take 40 KiB a stage.
@@ -69,10 +86,13 @@ class KernelConfig:
   block_size: int = 64
   value_tile: int = 64
   state_block_size: int = 64
+  state_split: int = 1
+  state_num_stages: int | None = None
   min_programs: int = 128
   segment_len: int | None = None
   num_warps: int = 4
   num_stages: int = 3
+  forward_impl: str = "auto"
 
 
 DEFAULT_CONFIG = KernelConfig()
@@ -91,12 +111,16 @@ class _Plan:
   """Static tiling of one call, derived from the shapes and a KernelConfig."""
   seq_len: int
   block: int
-  state_block: int  # block of the segment-state pre-pass
   value_tile: int
   seg_len: int
   num_segments: int
   num_warps: int
   num_stages: int
+  # The pre-pass: parts of part_len tokens (state_split per segment), in blocks of state_block.
+  part_len: int
+  num_parts: int
+  state_block: int
+  state_num_stages: int
 
 
 def _plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelConfig) -> _Plan:
@@ -111,11 +135,19 @@ def _plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelConfig) 
     blocks_per_seg = -(-num_blocks // wanted)
   blocks_per_seg = max(1, min(blocks_per_seg, num_blocks))
   seg_len = blocks_per_seg * block
-  state_block = config.state_block_size if seg_len % config.state_block_size == 0 else block
-  return _Plan(seq_len=seq_len, block=block, state_block=state_block, value_tile=value_tile,
-               seg_len=seg_len,
+  split = max(1, min(config.state_split, blocks_per_seg))
+  while blocks_per_seg % split:
+    split -= 1
+  part_len = seg_len // split
+  state_block = config.state_block_size if part_len % config.state_block_size == 0 else block
+  state_num_stages = config.state_num_stages
+  if state_num_stages is None:
+    state_num_stages = config.num_stages if state_block <= block else min(config.num_stages, 2)
+  return _Plan(seq_len=seq_len, block=block, value_tile=value_tile, seg_len=seg_len,
                num_segments=-(-seq_len // seg_len), num_warps=config.num_warps,
-               num_stages=config.num_stages)
+               num_stages=config.num_stages, part_len=part_len,
+               num_parts=-(-seq_len // part_len), state_block=state_block,
+               state_num_stages=state_num_stages)
 
 
 def _compute_dtype(dtype):
@@ -141,10 +173,10 @@ def _block_decays(a, pos, m, reverse):
   return jnp.exp(-a * out_exp.astype(_F32)), jnp.exp(-a * in_exp.astype(_F32))
 
 
-def _block_loop_bounds(plan: _Plan, block: int):
-  """(segment start, number of `block`-token blocks) of this program's segment."""
-  seg_start = pl.program_id(1) * plan.seg_len
-  seg_tokens = jnp.minimum(plan.seg_len, plan.seq_len - seg_start)
+def _block_loop_bounds(seq_len: int, seg_len: int, block: int):
+  """(start, number of `block`-token blocks) of this program's stretch of seg_len tokens."""
+  seg_start = pl.program_id(1) * seg_len
+  seg_tokens = jnp.minimum(seg_len, seq_len - seg_start)
   return seg_start, (seg_tokens + block - 1) // block
 
 
@@ -154,26 +186,33 @@ def _load_block(ref, rows, valid):
 
 def _segment_start_state(a, x0_ref, local_ref, plan: _Plan, reverse: bool):
   """State before this program's segment (in sweep order): the sweep's start state and the
-  earlier segments' local states, each decayed over the tokens in between.
+  local states of the pre-pass parts before the segment, each decayed over the tokens between.
 
-  Forward, segment s: lambda^(s L) X0 + sum_{i<s} lambda^(i L) local[s-1-i]; reverse, mirrored
-  (the last segment is the only ragged one and it is never between two others).
+  Forward, segment s of length L, parts of length P: lambda^(s L) X0 +
+  sum_{r < s L / P} lambda^(s L - (r + 1) P) local[r]; reverse, mirrored (local[r] is taken at
+  the part's start; only the last part is ragged and it is never between two others).
   """
   x = x0_ref[...].astype(_F32)
   if local_ref is None:
     return x
   seg = pl.program_id(1)
-  seg_len = plan.seg_len
+  seg_len, part_len = plan.seg_len, plan.part_len
+  parts_per_seg = seg_len // part_len
   if reverse:
-    x0_gap = plan.seq_len - jnp.minimum((seg + 1) * seg_len, plan.seq_len)
-    num_earlier = plan.num_segments - 1 - seg
+    seg_end = (seg + 1) * seg_len
+    x0_gap = plan.seq_len - jnp.minimum(seg_end, plan.seq_len)
+    first = (seg + 1) * parts_per_seg
+    num_earlier = jnp.maximum(plan.num_parts - first, 0)
   else:
     x0_gap = seg * seg_len
-    num_earlier = seg
+    num_earlier = seg * parts_per_seg
 
   def add(i, x):
-    r = seg + 1 + i if reverse else seg - 1 - i
-    return x + jnp.exp(-a * (i * seg_len).astype(_F32)) * local_ref[r]
+    if reverse:
+      r, gap = first + i, i * part_len + (first * part_len - seg_end)
+    else:
+      r, gap = num_earlier - 1 - i, i * part_len
+    return x + jnp.exp(-a * gap.astype(_F32)) * local_ref[r]
 
   return lax.fori_loop(0, num_earlier, add, jnp.exp(-a * x0_gap.astype(_F32)) * x)
 
@@ -183,7 +222,7 @@ def _sweep_kernel(slope_ref, a_ref, b_ref, c_ref, x0_ref, *refs, plan: _Plan, re
   local_ref, out_ref, x_end_ref = refs if len(refs) == 3 else (None, *refs)
   a = slope_ref[...].astype(_F32)
   cd = _compute_dtype(a_ref.dtype)
-  seg_start, num_blocks = _block_loop_bounds(plan, plan.block)
+  seg_start, num_blocks = _block_loop_bounds(plan.seq_len, plan.seg_len, plan.block)
   pos = jnp.arange(plan.block, dtype=jnp.int32)
   gap = (pos[None, :] - pos[:, None]) if reverse else (pos[:, None] - pos[None, :])
   intra_mask = jnp.where(gap >= 0, jnp.exp(-a * jnp.maximum(gap, 0).astype(_F32)), 0.0)
@@ -214,12 +253,12 @@ def _sweep_kernel(slope_ref, a_ref, b_ref, c_ref, x0_ref, *refs, plan: _Plan, re
 
 
 def _segment_state_kernel(slope_ref, b_ref, c_ref, x_ref, *, plan: _Plan, reverse: bool):
-  """Local state of one segment from a zero start: sum_t lambda^(distance to the segment's end
-  (forward) or start (reverse)) b_t^T c_t over the segment's tokens."""
+  """Local state of one pre-pass part from a zero start: sum_t lambda^(distance to the part's
+  end (forward) or start (reverse)) b_t^T c_t over the part's tokens."""
   a = slope_ref[...].astype(_F32)
   cd = _compute_dtype(b_ref.dtype)
   block = plan.state_block
-  seg_start, num_blocks = _block_loop_bounds(plan, block)
+  seg_start, num_blocks = _block_loop_bounds(plan.seq_len, plan.part_len, block)
   pos = jnp.arange(block, dtype=jnp.int32)
 
   def body(n, x):
@@ -237,9 +276,9 @@ def _segment_state_kernel(slope_ref, b_ref, c_ref, x_ref, *, plan: _Plan, revers
   x_ref[...] = lax.fori_loop(0, num_blocks, body, jnp.zeros(x_ref.shape, _F32))
 
 
-def _grid(plan: _Plan, batch: int, heads: int, dim_v: int):
+def _grid(plan: _Plan, num_segments: int, batch: int, heads: int, dim_v: int):
   # Value tiles vary fastest, so programs that share a block of a and b run side by side.
-  return (dim_v // plan.value_tile, plan.num_segments, heads, batch)
+  return (dim_v // plan.value_tile, num_segments, heads, batch)
 
 
 def _full_seq_spec(seq_len, dim):
@@ -254,26 +293,24 @@ def _slope_spec():
   return pl.BlockSpec((None,), lambda j, s, h, b: (h,))
 
 
-def _compiler_params(plan: _Plan, max_stages: int | None = None):
-  stages = plan.num_stages if max_stages is None else min(plan.num_stages, max_stages)
-  return pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=stages)
+def _compiler_params(plan: _Plan, num_stages: int):
+  return pltriton.CompilerParams(num_warps=plan.num_warps, num_stages=num_stages)
 
 
 def _segment_states(b, c, slope, plan: _Plan, reverse: bool, interpret: bool):
-  """Each segment's local state from a zero start. b [B, T, H, Dk], c [B, T, H, Dv] ->
-  [B, H, N, Dk, Dv] float32 for N segments."""
+  """Each pre-pass part's local state from a zero start. b [B, T, H, Dk], c [B, T, H, Dv] ->
+  [B, H, P, Dk, Dv] float32 for P parts."""
   batch, seq_len, heads, dim_k = b.shape
   dim_v = c.shape[-1]
   return pl.pallas_call(
       functools.partial(_segment_state_kernel, plan=plan, reverse=reverse),
-      grid=_grid(plan, batch, heads, dim_v),
+      grid=_grid(plan, plan.num_parts, batch, heads, dim_v),
       in_specs=[_slope_spec(), _full_seq_spec(seq_len, dim_k),
                 _tiled_seq_spec(seq_len, plan.value_tile)],
       out_specs=pl.BlockSpec((None, None, None, dim_k, plan.value_tile),
                              lambda j, s, h, b: (b, h, s, 0, j)),
-      out_shape=jax.ShapeDtypeStruct((batch, heads, plan.num_segments, dim_k, dim_v), _F32),
-      compiler_params=_compiler_params(
-          plan, max_stages=2 if plan.state_block > plan.block else None),
+      out_shape=jax.ShapeDtypeStruct((batch, heads, plan.num_parts, dim_k, dim_v), _F32),
+      compiler_params=_compiler_params(plan, plan.state_num_stages),
       interpret=interpret,
       name="lightning_segment_states",
   )(slope, b, c)
@@ -282,7 +319,8 @@ def _segment_states(b, c, slope, plan: _Plan, reverse: bool, interpret: bool):
 def _sweep(a, b, c, slope, x0, plan: _Plan, *, reverse: bool, interpret: bool, local=None):
   """Chunked decayed recurrence (module docstring). a, b [B, T, H, Dk]; c [B, T, H, Dv];
   slope [H]; x0 [B, H, Dk, Dv] float32 start state -> (out [B, T, H, Dv] in a.dtype, terminal
-  state [B, H, Dk, Dv] float32, segments' local states [B, H, N, Dk, Dv] or None if N == 1).
+  state [B, H, Dk, Dv] float32, the parts' local states [B, H, P, Dk, Dv] or None if there is
+  one segment).
   `local` skips computing the local states when the caller has them."""
   batch, seq_len, heads, dim_k = a.shape
   dim_v = c.shape[-1]
@@ -298,14 +336,14 @@ def _sweep(a, b, c, slope, x0, plan: _Plan, *, reverse: bool, interpret: bool, l
   if plan.num_segments > 1:
     if local is None:
       local = _segment_states(b, c, slope, plan, reverse, interpret)
-    in_specs.append(pl.BlockSpec((None, None, plan.num_segments, *state_tile),
+    in_specs.append(pl.BlockSpec((None, None, plan.num_parts, *state_tile),
                                  lambda j, s, h, b: (b, h, 0, 0, j)))
     operands.append(local)
   else:
     local = None
   out, x_end = pl.pallas_call(
       functools.partial(_sweep_kernel, plan=plan, reverse=reverse),
-      grid=_grid(plan, batch, heads, dim_v),
+      grid=_grid(plan, plan.num_segments, batch, heads, dim_v),
       in_specs=in_specs,
       out_specs=[
           _tiled_seq_spec(seq_len, plan.value_tile),
@@ -313,7 +351,7 @@ def _sweep(a, b, c, slope, x0, plan: _Plan, *, reverse: bool, interpret: bool, l
       ],
       out_shape=[jax.ShapeDtypeStruct((batch, seq_len, heads, dim_v), a.dtype),
                  jax.ShapeDtypeStruct((batch, heads, dim_k, dim_v), _F32)],
-      compiler_params=_compiler_params(plan),
+      compiler_params=_compiler_params(plan, plan.num_stages),
       interpret=interpret,
       name="lightning_sweep_reverse" if reverse else "lightning_sweep",
   )(*operands)
@@ -324,20 +362,86 @@ def _transpose_state(x):
   return None if x is None else jnp.swapaxes(x, -1, -2)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _lightning(q, k, v, slope, initial_state, plan: _Plan, interpret: bool):
-  o, final_state, _ = _sweep(q, k, v, slope, initial_state, plan, reverse=False,
-                             interpret=interpret)
+_MOSAIC_BLOCK = 64  # token block of the Mosaic GPU forward
+
+
+def _use_mosaic(q, config: KernelConfig, interpret: bool) -> bool:
+  """Whether the forward runs the Mosaic GPU kernel (KernelConfig.forward_impl)."""
+  if config.forward_impl == "triton":
+    return False
+  _, seq_len, _, dim = q.shape
+  unmet = []
+  if interpret:
+    unmet.append("compiled mode (it has no interpreter)")
+  elif not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
+    unmet.append("a GPU of compute capability 9.x (Hopper)")
+  if jnp.dtype(q.dtype) != jnp.dtype(jnp.bfloat16):
+    unmet.append(f"bfloat16 inputs (got {q.dtype})")
+  if dim not in (64, 128):
+    unmet.append(f"D in (64, 128) (got {dim})")
+  if seq_len % _MOSAIC_BLOCK:
+    unmet.append(f"T a multiple of {_MOSAIC_BLOCK} (got {seq_len})")
+  if unmet and config.forward_impl == "mosaic":
+    raise ValueError("forward_impl='mosaic' needs " + ", ".join(unmet))
+  return not unmet
+
+
+def _mosaic_plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelConfig) -> _Plan:
+  """The Mosaic forward's segments (one CTA per (batch, head, segment)): as many equal segments
+  of whole 64-token blocks as bring B * H up to min_programs; the plan's pre-pass gives their
+  start states."""
+  blocks = seq_len // _MOSAIC_BLOCK
+  wanted = min(blocks, max(1, -(-config.min_programs // (batch * heads))))
+  segments = max(n for n in range(1, wanted + 1) if blocks % n == 0)
+  return _plan(batch, seq_len, heads, dim,
+               dataclasses.replace(config, block_size=_MOSAIC_BLOCK, state_split=1,
+                                   segment_len=seq_len // segments))
+
+
+def _mosaic_forward(q, k, v, slope, x0, plan: _Plan, interpret: bool, kernel=None):
+  """Forward by the Mosaic GPU kernel over plan.num_segments equal segments, run as B * N
+  independent sequences whose start states come from the Triton pre-pass and a scan over
+  segments. q, k, v [B, T, H, D]; x0 [B, H, D, D] -> (o [B, T, H, D], final state [B, H, D, D]).
+  `kernel(q, k, v, slope, initial_state)` defaults to the Mosaic kernel (tests pass another)."""
+  kernel = kernel or lightning_mosaic.lightning_attention_forward_mosaic
+  batch, seq_len, heads, dim = q.shape
+  num_segments = plan.num_segments
+  if num_segments == 1:
+    return kernel(q, k, v, slope, x0)
+  local = _segment_states(k, v, slope, plan, reverse=False, interpret=interpret)  # [B,H,N,D,D]
+  segment_decay = jnp.exp(-slope * plan.seg_len)[None, :, None, None]
+
+  def step(x, local_n):  # x: the state before segment n
+    return segment_decay * x + local_n, x
+
+  _, starts = lax.scan(step, x0, jnp.moveaxis(local, 2, 0))  # [N, B, H, D, D]
+  starts = jnp.moveaxis(starts, 0, 1).reshape(batch * num_segments, heads, dim, dim)
+  as_sequences = lambda x: x.reshape(batch * num_segments, plan.seg_len, heads, dim)
+  o, finals = kernel(as_sequences(q), as_sequences(k), as_sequences(v), slope, starts)
+  return o.reshape(q.shape), finals.reshape(batch, num_segments, heads, dim, dim)[:, -1]
+
+
+def _forward(q, k, v, slope, x0, plan: _Plan, mosaic_plan: _Plan | None, interpret: bool):
+  """-> (o, final state, the pre-pass's local states for dq or None)."""
+  if mosaic_plan is None:
+    return _sweep(q, k, v, slope, x0, plan, reverse=False, interpret=interpret)
+  return (*_mosaic_forward(q, k, v, slope, x0, mosaic_plan, interpret), None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _lightning(q, k, v, slope, initial_state, plan: _Plan, mosaic_plan: _Plan | None,
+               interpret: bool):
+  o, final_state, _ = _forward(q, k, v, slope, initial_state, plan, mosaic_plan, interpret)
   return o, final_state
 
 
-def _lightning_fwd(q, k, v, slope, initial_state, plan, interpret):
-  o, final_state, local = _sweep(q, k, v, slope, initial_state, plan, reverse=False,
-                                 interpret=interpret)
+def _lightning_fwd(q, k, v, slope, initial_state, plan, mosaic_plan, interpret):
+  o, final_state, local = _forward(q, k, v, slope, initial_state, plan, mosaic_plan, interpret)
   return (o, final_state), (q, k, v, slope, initial_state, local)
 
 
-def _lightning_bwd(plan, interpret, residuals, cotangents):
+def _lightning_bwd(plan, mosaic_plan, interpret, residuals, cotangents):
+  del mosaic_plan  # the backward is Triton's; without the forward's local states it makes them
   q, k, v, slope, initial_state, local = residuals
   do, d_final = cotangents
   do = do.astype(q.dtype)
@@ -376,6 +480,15 @@ def _check_inputs(q, k, v, slope, initial_state, config: KernelConfig):
   _check_dim("config.block_size", config.block_size)
   _check_dim("config.value_tile", config.value_tile)
   _check_dim("config.state_block_size", config.state_block_size)
+  for name in ("state_split", "num_warps", "num_stages"):
+    if getattr(config, name) < 1:
+      raise ValueError(f"config.{name} must be >= 1; got {getattr(config, name)}")
+  if config.forward_impl not in ("auto", "mosaic", "triton"):
+    raise ValueError(f"config.forward_impl must be 'auto', 'mosaic' or 'triton'; got "
+                     f"{config.forward_impl!r}")
+  if config.state_num_stages is not None and config.state_num_stages < 1:
+    raise ValueError(f"config.state_num_stages must be >= 1 or None; got "
+                     f"{config.state_num_stages}")
   if config.segment_len is not None and config.segment_len <= 0:
     raise ValueError(f"config.segment_len must be positive; got {config.segment_len}")
   if slope.shape != (heads,):
@@ -395,7 +508,7 @@ def lightning_attention(q, k, v, slope, initial_state=None, *, interpret: bool =
     slope: [H]; the decay per token is exp(-slope). Not differentiated (zero cotangent).
     initial_state: [B, H, D, D] (float32 accumulation) or None for zeros.
     interpret: run the kernels in the Pallas interpreter (CPU tests).
-    config: tiling (KernelConfig).
+    config: tiling and forward kernel (KernelConfig).
 
   Returns:
     o [B, T, H, D] in q.dtype and the final state [B, H, D, D] in float32.
@@ -406,7 +519,13 @@ def lightning_attention(q, k, v, slope, initial_state=None, *, interpret: bool =
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim, dim), _F32)
   plan = _plan(batch, seq_len, heads, dim, config)
-  return _lightning(q, k, v, slope.astype(_F32), initial_state.astype(_F32), plan, interpret)
+  mosaic_plan = None
+  if _use_mosaic(q, config, interpret):
+    mosaic_plan = _mosaic_plan(batch, seq_len, heads, dim, config)
+    if config.forward_impl == "auto" and mosaic_plan.num_segments > plan.num_segments == 1:
+      mosaic_plan = None
+  return _lightning(q, k, v, slope.astype(_F32), initial_state.astype(_F32), plan, mosaic_plan,
+                    interpret)
 
 
 def _decode_kernel(slope_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref):

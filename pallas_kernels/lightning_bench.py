@@ -7,7 +7,7 @@ timings: triton.testing.do_bench(return_mode="median").
 
 Row.rel_err is ||ours - other|| / ||other||: on a Pallas row against the float32 jnp reference
 (XLA blockwise for prefill, the jnp step for decode), on another row between ours and that row's
-implementation (fla: max over o and final state, or over dq, dk, dv).
+implementation (fla: max over o and final state, or over dq, dk, dv; pallas-triton: o).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def ours_fns(config: KernelConfig):
   def fwd_bwd(q, k, v, slope, do):
     o, vjp = jax.vjp(lambda q, k, v: lightning_attention(q, k, v, slope, config=config)[0],
                      q, k, v)
-    return vjp(do)
+    return o, *vjp(do)  # o is returned so that the forward kernel is not dead code
 
   return fwd, jax.jit(fwd_bwd)
 
@@ -158,8 +158,8 @@ def xla_fns(block_size: int = 256):
     return ops.lightning_attention_blockwise(q, k, v, slope, block_size=block_size)
 
   def fwd_bwd(q, k, v, slope, do):
-    _, vjp = jax.vjp(lambda q, k, v: run(q, k, v, slope)[0], q, k, v)
-    return vjp(do)
+    o, vjp = jax.vjp(lambda q, k, v: run(q, k, v, slope)[0], q, k, v)
+    return o, *vjp(do)
 
   return jax.jit(run), jax.jit(fwd_bwd)
 
@@ -169,8 +169,8 @@ def cudnn_fns():
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
   def fwd_bwd(q, k, v, do):
-    _, vjp = jax.vjp(run, q, k, v)
-    return vjp(do)
+    o, vjp = jax.vjp(run, q, k, v)
+    return o, *vjp(do)
 
   return jax.jit(run), jax.jit(fwd_bwd)
 
@@ -194,31 +194,39 @@ def fla_fns(q, k, v, slope, do):
   return fwd, fwd_bwd
 
 
-def sweep_forward(configs: list[KernelConfig], shapes: list[tuple[int, int, int, int]],
-                  log: Callable[[str], None]) -> dict[KernelConfig, float]:
-  """Forward time of each config summed over shapes (B, T, H, D); inf where it fails."""
-  totals = {}
+def sweep(configs: list[KernelConfig], shapes: list[tuple[int, int, int, int]],
+          log: Callable[[str], None]) -> dict[KernelConfig, float]:
+  """Forward and forward + backward time of each config on each (B, T, H, D), as the geometric
+  mean over those cases of the time relative to configs[0]; inf where a case fails."""
+  times = {}
   for config in configs:
-    fwd, _ = ours_fns(config)
-    total = 0.0
+    fwd, fwd_bwd = ours_fns(config)
+    times[config] = []
     for shape in shapes:
-      q, k, v, _ = make_inputs(0, *shape)
-      try:
-        ms = time_jax(fwd, q, k, v, slopes(shape[2]), reps=7)
-      except Exception as e:  # pylint: disable=broad-except
-        log(f"  {config} {shape}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        ms = float("inf")
-      log(f"  sweep {shape} {config}: {ms:.4f} ms")
-      total += ms
-    totals[config] = total
-  return totals
+      q, k, v, do = make_inputs(0, *shape)
+      slope = slopes(shape[2])
+      for kind, fn, args in (("fwd", fwd, (q, k, v, slope)),
+                             ("fwd+bwd", fwd_bwd, (q, k, v, slope, do))):
+        try:
+          ms = time_jax(fn, *args, reps=7)
+        except Exception as e:  # pylint: disable=broad-except
+          log(f"  {kind} {shape} {config}: FAILED {type(e).__name__}: {str(e)[:300]}")
+          ms = float("inf")
+        log(f"  sweep {kind:7s} {shape} {ms:.4f} ms  {config}")
+        times[config].append(ms)
+  base = times[configs[0]]
+  return {config: float(np.exp(np.mean(np.log(np.array(ms) / np.array(base)))))
+          for config, ms in times.items()}
 
 
 def bench_prefill(config: KernelConfig, shapes, log, *, with_fla=True, with_xla=True,
                   with_cudnn=True) -> list[Row]:
-  """Forward and forward + backward of every implementation on every (B, T, H, D)."""
+  """Forward and forward + backward of every implementation on every (B, T, H, D). When the
+  config's forward is not Triton-only, the Triton forward is timed too ("pallas-triton")."""
   rows = []
   ours_fwd, ours_fwd_bwd = ours_fns(config)
+  triton_config = dataclasses.replace(config, forward_impl="triton")
+  triton_fns = ours_fns(triton_config) if triton_config != config else None
   xla_fwd, xla_fwd_bwd = xla_fns()
   cudnn_fwd, cudnn_fwd_bwd = cudnn_fns()
   for batch, seq_len, heads, dim in shapes:
@@ -227,12 +235,20 @@ def bench_prefill(config: KernelConfig, shapes, log, *, with_fla=True, with_xla=
     slope = slopes(heads)
     chunk = min(config.block_size, seq_len)
     o, final = ours_fwd(q, k, v, slope)
-    grads = ours_fwd_bwd(q, k, v, slope, do)
+    grads = ours_fwd_bwd(q, k, v, slope, do)[1:]
     results = {}  # (kind, impl) -> (ms, flops, err)
     results[("fwd", "pallas")] = (time_jax(ours_fwd, q, k, v, slope),
                                   lightning_flops("fwd", *shape, chunk), float("nan"))
     results[("fwd+bwd", "pallas")] = (time_jax(ours_fwd_bwd, q, k, v, slope, do),
                                       lightning_flops("fwd+bwd", *shape, chunk), float("nan"))
+    if triton_fns is not None:
+      triton_o, _ = triton_fns[0](q, k, v, slope)
+      err = rel_err(o, triton_o)
+      log(f"  {shape} ours vs the Triton forward: o {err:.2e}")
+      for kind, fn, args in (("fwd", triton_fns[0], (q, k, v, slope)),
+                             ("fwd+bwd", triton_fns[1], (q, k, v, slope, do))):
+        results[(kind, "pallas-triton")] = (time_jax(fn, *args),
+                                            lightning_flops(kind, *shape, chunk), err)
     if with_fla:
       try:
         fla_fwd, fla_fwd_bwd = fla_fns(q, k, v, slope, do)
@@ -270,7 +286,7 @@ def bench_prefill(config: KernelConfig, shapes, log, *, with_fla=True, with_xla=
       row.frac_peak = row.tflops / PEAK_TFLOPS
       if impl != "cudnn-softmax":
         row.frac_hbm = hbm_floor_bytes(kind, *shape) / (ms * 1e-3) / (HBM_TBPS * 1e12)
-      if impl == "pallas" and (kind, "fla") in results:
+      if impl.startswith("pallas") and (kind, "fla") in results:
         row.fla_over_ours = results[(kind, "fla")][0] / ms
       rows.append(row)
       log("  " + format_row(row))

@@ -29,6 +29,11 @@ CPU_SEGMENTED = KernelConfig(block_size=16, value_tile=16, segment_len=16)
 CPU_ONE_SEGMENT = KernelConfig(block_size=16, value_tile=32, segment_len=1 << 20)
 # Segments of 32 tokens whose local states are summed in 32-token blocks (state_block_size).
 CPU_STATE_BLOCKS = KernelConfig(block_size=16, value_tile=16, segment_len=32, state_block_size=32)
+# Segments of 32 tokens whose local states are computed in two parallel parts of 16.
+CPU_PARTS = KernelConfig(block_size=16, value_tile=16, segment_len=32, state_split=2)
+# Both: segments of 64, parts of 32 summed in 32-token blocks.
+CPU_PARTS_STATE_BLOCKS = KernelConfig(block_size=16, value_tile=16, segment_len=64, state_split=2,
+                                      state_block_size=32)
 
 
 def _rel_err(got, want):
@@ -90,8 +95,8 @@ def _check_decode(dtype, batch, dim, interpret, value_tile, seed=2):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("config", [CPU_SEGMENTED, CPU_ONE_SEGMENT, CPU_STATE_BLOCKS],
-                         ids=["segments", "one", "state_blocks"])
+@pytest.mark.parametrize("config", [CPU_SEGMENTED, CPU_ONE_SEGMENT, CPU_STATE_BLOCKS, CPU_PARTS],
+                         ids=["segments", "one", "state_blocks", "parts"])
 def test_forward_matches_recurrent(dtype, config):
   _check_forward(dtype, batch=2, seq_len=40, dim=32, config=config, interpret=True)
 
@@ -110,8 +115,72 @@ def test_vjp_one_segment():
   _check_vjp(jnp.float32, batch=1, seq_len=40, dim=32, config=CPU_ONE_SEGMENT, interpret=True)
 
 
-def test_vjp_state_blocks():
-  _check_vjp(jnp.float32, batch=1, seq_len=75, dim=16, config=CPU_STATE_BLOCKS, interpret=True)
+@pytest.mark.parametrize("config", [CPU_STATE_BLOCKS, CPU_PARTS, CPU_PARTS_STATE_BLOCKS],
+                         ids=["state_blocks", "parts", "parts_state_blocks"])
+def test_vjp_prepass_variants(config):
+  _check_vjp(jnp.float32, batch=1, seq_len=75, dim=16, config=config, interpret=True)
+
+
+@pytest.mark.parametrize("batch, seq_len, min_programs, num_segments",
+                         [(2, 256, 24, 4), (2, 192, 12, 1), (1, 320, 1, 1)])
+def test_mosaic_segments_vs_recurrent(batch, seq_len, min_programs, num_segments):
+  """The Mosaic forward's segment split (pre-pass, scan of start states, B * N sequences), here
+  with the recurrence standing in for the Mosaic kernel (which has no interpreter)."""
+  q, k, v, slope, state = _inputs(6, batch, seq_len, 32, jnp.float32)
+  plan = kernel_module._mosaic_plan(batch, seq_len, len(SLOPES), 32,
+                                    KernelConfig(min_programs=min_programs))
+  assert plan.num_segments == num_segments
+  o, final = kernel_module._mosaic_forward(q, k, v, slope, state, plan, interpret=True,
+                                           kernel=reference.lightning_attention_recurrent)
+  o_ref, final_ref = reference.lightning_attention_recurrent(q, k, v, slope, state)
+  assert _rel_err(o, o_ref) <= TOL[jnp.float32]
+  assert _rel_err(final, final_ref) <= TOL[jnp.float32]
+
+
+def test_mosaic_forward_lowers_for_cuda():
+  """The Mosaic path lowers on CPU for CUDA: the Triton pre-pass and the Mosaic GPU kernel."""
+  batch, seq_len, heads, dim = 1, 256, 2, 128
+  x = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), jnp.bfloat16)
+  slope = jax.ShapeDtypeStruct((heads,), jnp.float32)
+  state = jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)
+  plan = kernel_module._mosaic_plan(batch, seq_len, heads, dim, KernelConfig(min_programs=4))
+  assert plan.num_segments == 2
+
+  def forward(q, k, v, slope, state):
+    return kernel_module._mosaic_forward(q, k, v, slope, state, plan, interpret=False)
+
+  text = jax.jit(forward).trace(x, x, x, slope, state).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("xla.gpu.triton") == 1 and "mosaic_gpu" in text
+
+
+def test_mosaic_plan_segments():
+  """Equal segments of whole 64-token blocks, as many as bring B * H up to min_programs."""
+  plan = kernel_module._mosaic_plan(1, 32768, 16, 128, KernelConfig())
+  assert (plan.num_segments, plan.seg_len, plan.num_parts) == (8, 4096, 8)
+  plan = kernel_module._mosaic_plan(1, 15 * 64, 32, 128, KernelConfig())
+  assert plan.num_segments == 3  # 15 blocks, 4 wanted: the largest divisor below is 3
+  assert kernel_module._mosaic_plan(16, 2048, 16, 128, KernelConfig()).num_segments == 1
+
+
+def test_forward_impl_selection():
+  q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
+  assert not kernel_module._use_mosaic(q, KernelConfig(), interpret=True)  # auto: Triton
+  with pytest.raises(ValueError, match="compiled mode"):
+    kernel_module._use_mosaic(q, KernelConfig(forward_impl="mosaic"), interpret=True)
+  with pytest.raises(ValueError, match="multiple of 64"):
+    kernel_module._use_mosaic(q[:, :100], KernelConfig(forward_impl="mosaic"), interpret=True)
+  assert not kernel_module._use_mosaic(q, KernelConfig(forward_impl="triton"), interpret=False)
+
+
+def test_plan_parts():
+  """state_split takes the largest divisor of the segment's block count, at most as asked."""
+  plan = kernel_module._plan(1, 32768, 16, 128, KernelConfig(state_split=4))
+  assert (plan.seg_len, plan.num_segments, plan.part_len, plan.num_parts) == (8192, 4, 2048, 16)
+  plan = kernel_module._plan(1, 3 * 64 * 5, 1, 128, KernelConfig(segment_len=3 * 64 * 5,
+                                                                 state_split=4))
+  assert plan.part_len == 5 * 64  # 15 blocks per segment: split 3, not 4
+  assert kernel_module._plan(1, 32768, 16, 128, KernelConfig()).num_parts == 4
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -133,7 +202,8 @@ def test_decode_chain_matches_forward():
   assert _rel_err(state, final_full) <= TOL[jnp.float32]
 
 
-@pytest.mark.parametrize("case", ["shape", "dtype", "dim", "slope", "state", "block"])
+@pytest.mark.parametrize("case", ["shape", "dtype", "dim", "slope", "state", "block", "split",
+                                  "stages", "forward_impl"])
 def test_bad_inputs_raise(case):
   q, k, v, slope, state = _inputs(4, 1, 8, 16, jnp.float32)
   config = CPU_SEGMENTED
@@ -147,8 +217,14 @@ def test_bad_inputs_raise(case):
     slope = slope[:2]
   elif case == "state":
     state = state[:, :, :8]
-  else:
+  elif case == "block":
     config = KernelConfig(block_size=24)
+  elif case == "split":
+    config = KernelConfig(state_split=0)
+  elif case == "stages":
+    config = KernelConfig(state_num_stages=0)
+  else:
+    config = KernelConfig(forward_impl="cuda")
   with pytest.raises(ValueError):
     lightning_attention(q, k, v, slope, state, interpret=True, config=config)
 
@@ -186,7 +262,9 @@ def test_lowers_to_triton_for_cuda(monkeypatch):
 GPU_CONFIGS = [KernelConfig(), KernelConfig(block_size=64, value_tile=64, segment_len=128,
                                             state_block_size=128),
                KernelConfig(block_size=128, value_tile=128, num_warps=8, num_stages=2,
-                            segment_len=1 << 20)]
+                            segment_len=1 << 20),
+               KernelConfig(segment_len=256, state_split=2, state_block_size=128,
+                            state_num_stages=3)]
 
 
 @pytest.mark.gpu
@@ -199,8 +277,10 @@ def test_gpu_forward_matches_recurrent(dtype, dim):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config, dtype", [(GPU_CONFIGS[1], jnp.float32),
                                            (GPU_CONFIGS[1], jnp.bfloat16),
-                                           (GPU_CONFIGS[2], jnp.bfloat16)],
-                         ids=["segments-float32", "segments-bfloat16", "one-bfloat16"])
+                                           (GPU_CONFIGS[2], jnp.bfloat16),
+                                           (GPU_CONFIGS[3], jnp.bfloat16)],
+                         ids=["segments-float32", "segments-bfloat16", "one-bfloat16",
+                              "parts-bfloat16"])
 def test_gpu_forward_other_tilings(config, dtype):
   # The 128 x 128 tiling holds bf16 blocks only: float32 ones exceed the H200's shared memory.
   _check_forward(dtype, batch=2, seq_len=300, dim=128, config=config, interpret=False)
@@ -214,7 +294,7 @@ def test_gpu_vjp_matches_recurrent(dtype, dim):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", GPU_CONFIGS[1:], ids=["segments", "one"])
+@pytest.mark.parametrize("config", GPU_CONFIGS[1:], ids=["segments", "one", "parts"])
 def test_gpu_vjp_other_tilings(config):
   _check_vjp(jnp.bfloat16, batch=2, seq_len=300, dim=128, config=config, interpret=False)
 
@@ -224,3 +304,30 @@ def test_gpu_vjp_other_tilings(config):
 @pytest.mark.parametrize("dim", [64, 128])
 def test_gpu_decode_matches_reference(dtype, dim):
   _check_decode(dtype, batch=5, dim=dim, interpret=False, value_tile=64)
+
+
+def _is_hopper() -> bool:
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
+MOSAIC_CONFIGS = [KernelConfig(forward_impl="mosaic"),  # B * H = 6: 5 segments of 64 tokens
+                  KernelConfig(forward_impl="mosaic", min_programs=1)]  # one segment
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("config", MOSAIC_CONFIGS, ids=["segments", "one"])
+def test_gpu_mosaic_forward_matches_recurrent(dim, config):
+  if not _is_hopper():
+    pytest.skip("the Mosaic GPU forward needs compute capability 9.x")
+  _check_forward(jnp.bfloat16, batch=2, seq_len=320, dim=dim, config=config, interpret=False)
+  q = jnp.zeros((2, 320, len(SLOPES), dim), jnp.bfloat16)
+  assert kernel_module._use_mosaic(q, KernelConfig(), interpret=False)  # "auto" picks it
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", MOSAIC_CONFIGS, ids=["segments", "one"])
+def test_gpu_vjp_after_mosaic_forward(config):
+  if not _is_hopper():
+    pytest.skip("the Mosaic GPU forward needs compute capability 9.x")
+  _check_vjp(jnp.bfloat16, batch=2, seq_len=320, dim=128, config=config, interpret=False)

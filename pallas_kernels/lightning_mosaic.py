@@ -1,0 +1,258 @@
+"""Lightning attention forward as a Mosaic GPU Pallas kernel (Hopper only).
+
+Per head with decay lambda = exp(-slope) and a float32 state that includes the current token:
+
+    S_t = lambda * S_{t-1} + k_t^T v_t,      o_t = q_t S_t.
+
+Blockwise with C tokens per block (i, j positions inside the block, X the state before it):
+
+    o_blk = [(Q K^T) * M] V + (Q * lambda^(i+1)) X,     M[i, j] = lambda^(i-j) for i >= j else 0,
+    X_new = lambda^C X + K^T (V * lambda^(C-1-j)).
+
+This path needs a GPU with compute capability 9.0 (H100, H200): it lowers through Mosaic GPU
+(TMA copies, mbarriers, wgmma), not Triton, and has no interpreter. It is forward only;
+`pallas_kernels.lightning_attention` runs it as its forward on Hopper (splitting long sequences
+with few (batch, head) pairs into segments) and keeps the Triton kernels for the backward and
+everywhere else. Its structure follows jax's FlashAttention-3
+(jax/experimental/pallas/ops/gpu/attention_mgpu.py).
+
+Design:
+  * One CTA per (batch, head) sweeps all blocks of the sequence; there is no sequence split,
+    so few (batch, head) pairs leave most SMs idle.
+  * Warpgroups: `W = D // 64` compute warpgroups, each owning 64 value columns (W = 2 at
+    D = 128, 1 at D = 64), and one memory warpgroup that TMA-loads q, k (full width) and
+    each compute warpgroup's slice of v into `num_stages` SMEM slots, running ahead of the
+    compute behind per-slot "loaded" and "consumed" barriers.
+  * Per block, a compute warpgroup issues four wgmmas: Q K^T [C, C], Q X [C, 64] (X as a
+    bf16 copy in SMEM), P V [C, 64] with the masked scores P in registers, and
+    K^T (V * decay) [D, 64] accumulated onto lambda^C X. The float32 state X [D, 64] lives in
+    registers (wgmma accumulator layout) for the whole sweep; its bf16 copy and the decayed
+    v slice are rewritten in SMEM each block. o leaves through SMEM and a TMA store.
+  * Per-head decay vectors (lambda^(i+1), -slope i, slope j, lambda^(C-1-j), lambda^C) are
+    computed by XLA and TMA-loaded once; the intra-block mask is exp(min(-slope (i - j), 0))
+    on i >= j, so no power of lambda can overflow.
+  * The initial and final states move between registers and HBM directly (no SMEM staging).
+
+SMEM at D = 128, C = 64: 48 KiB per stage (q, k, v) + 64 KiB (state copies, decayed v, o).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+_BF16 = jnp.bfloat16
+_VALUE_TILE = 64  # value columns per compute warpgroup (wgmma N; one 128-byte swizzle row)
+_NUM_VECS = 5  # rows of the per-head decay table
+
+# jax 0.10 requires the index argument of plgpu.load; jax 0.11 deprecates passing it.
+_LOAD_TAKES_INDEX = (
+    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty)
+
+
+def _load(ref, layout):
+  """Whole `ref` into registers with `layout` (any SMEM/GMEM ref, unvectorized if needed)."""
+  if _LOAD_TAKES_INDEX:
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+  return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _decay_table(slope, block: int, dim: int):
+  """Per-head vectors [H, 5, max(C, D)] float32 (rows zero-padded to the common length).
+
+  Rows: lambda^(i+1), -slope * i, slope * j, lambda^(C-1-j) (length C) and lambda^C (length D).
+  """
+  width = max(block, dim)
+  a = slope.astype(_F32)[:, None]
+  pos = jnp.arange(block, dtype=_F32)[None, :]
+  rows = [jnp.exp(-a * (pos + 1)), -a * pos, a * pos, jnp.exp(-a * (block - 1 - pos))]
+  rows = [jnp.pad(r, ((0, 0), (0, width - block))) for r in rows]
+  rows.append(jnp.broadcast_to(jnp.exp(-a * block), (a.shape[0], dim)))
+  rows[-1] = jnp.pad(rows[-1], ((0, 0), (0, width - dim)))
+  return jnp.stack(rows, axis=1)
+
+
+def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
+  """q, k, v [B, T, H, D] bf16; table [H, 5, L] f32; x0 [B, H, D, D] f32 ->
+  (o [B, T, H, D] bf16, final state [B, H, D, D] f32)."""
+  batch, seq_len, heads, dim = q.shape
+  width = table.shape[-1]
+  vt = _VALUE_TILE
+  num_wg = dim // vt  # compute warpgroups
+  num_blocks = seq_len // block
+  stages = min(num_stages, num_blocks)
+  wgmma_layout = plgpu.Layout.WGMMA
+  rows_layout = plgpu.Layout.WGMMA.reduce(1)  # a [M] vector broadcast along dimension 1
+  cols_layout = plgpu.Layout.WGMMA.reduce(0)  # an [N] vector broadcast along dimension 0
+
+  def kernel(q_ref, k_ref, v_ref, table_ref, x0_ref, o_ref, x_end_ref, scoped):
+    (q_smem, k_smem, v_smem, xs_smem, vd_smem, o_smem, table_smem), barriers = scoped
+    q_bar, k_bar, v_bar, consumed_bar, table_bar = barriers
+    b = lax.axis_index("batch")
+    h = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < num_wg)
+    def _compute():
+      if num_wg == 2:
+        plgpu.set_max_registers(232, action="increase")
+      cols = pl.ds(wg * vt, vt)
+      plgpu.copy_gmem_to_smem(table_ref.at[h], table_smem.at[wg], table_bar.at[wg])
+      x = _load(x0_ref.at[b, h, :, cols], wgmma_layout)  # [D, vt] f32
+      xs_smem.at[wg][...] = x.astype(_BF16)
+      plgpu.barrier_wait(table_bar.at[wg])
+      vecs = table_smem.at[wg]
+      row_decay = _load(vecs.at[0, pl.ds(0, block)], rows_layout)  # lambda^(i+1)
+      row_log = _load(vecs.at[1, pl.ds(0, block)], rows_layout)  # -slope * i
+      col_log = _load(vecs.at[2, pl.ds(0, block)], cols_layout)  # slope * j
+      key_decay = _load(vecs.at[3, pl.ds(0, block)], rows_layout)  # lambda^(C-1-j)
+      block_decay = _load(vecs.at[4, pl.ds(0, dim)], rows_layout)  # lambda^C
+      plgpu.commit_smem()
+
+      def body(n, x):
+        slot = lax.rem(n, stages)
+        plgpu.barrier_wait(v_bar.at[slot * num_wg + wg])
+        v_tile = plgpu.layout_cast(v_smem.at[slot, wg][...], wgmma_layout)  # [C, vt]
+        decayed = v_tile.astype(_F32) * lax.broadcast_in_dim(key_decay, (block, vt), [0])
+        vd_smem.at[wg][...] = decayed.astype(_BF16)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(q_bar.at[slot])
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def scores_and_query_state(s_acc, qx_acc):
+          plgpu.wgmma(s_acc, q_smem.at[slot], plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          plgpu.wgmma(qx_acc, q_smem.at[slot], xs_smem.at[wg])
+          return s_acc[...], qx_acc[...]
+
+        s, qx = pl.run_scoped(scores_and_query_state, plgpu.ACC((block, block), _F32),
+                              plgpu.ACC((block, vt), _F32))
+        i = plgpu.broadcasted_iota(jnp.int32, (block, block), 0, layout=wgmma_layout)
+        j = plgpu.broadcasted_iota(jnp.int32, (block, block), 1, layout=wgmma_layout)
+        gap_log = (lax.broadcast_in_dim(row_log, (block, block), [0])
+                   + lax.broadcast_in_dim(col_log, (block, block), [1]))
+        mask = jnp.where(i >= j, jnp.exp(jnp.minimum(gap_log, 0.0)), 0.0)
+        p = (s * mask).astype(_BF16)
+        o_init = qx * lax.broadcast_in_dim(row_decay, (block, vt), [0])
+        x_init = x * lax.broadcast_in_dim(block_decay, (dim, vt), [0])
+
+        def values_and_state(refs):
+          o_acc, x_acc = refs
+          plgpu.wgmma(o_acc, p, v_smem.at[slot, wg])
+          plgpu.wgmma(x_acc, plgpu.transpose_ref(k_smem.at[slot], (1, 0)), vd_smem.at[wg])
+
+        o, x = pl.run_state(values_and_state)((plgpu.ACC.init(o_init), plgpu.ACC.init(x_init)))
+        plgpu.barrier_arrive(consumed_bar.at[slot])
+        xs_smem.at[wg][...] = x.astype(_BF16)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's o left o_smem
+        o_smem.at[wg][...] = o.astype(_BF16)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, pl.ds(n * block, block), h, cols])
+        return x
+
+      x = lax.fori_loop(0, num_blocks, body, x)
+      x_end_ref.at[b, h, :, cols][...] = x
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == num_wg)
+    def _memory():
+      if num_wg == 2:
+        plgpu.set_max_registers(40, action="decrease")
+
+      def issue(n, slot):
+        rows = pl.ds(n * block, block)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_smem.at[slot], k_bar.at[slot])
+        for w in range(num_wg):
+          plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, pl.ds(w * vt, vt)], v_smem.at[slot, w],
+                                  v_bar.at[slot * num_wg + w])
+
+      for n in range(stages):
+        issue(n, n)
+
+      if num_blocks > stages:
+        @pl.loop(stages, num_blocks)
+        def _(n):
+          slot = lax.rem(n, stages)
+          plgpu.barrier_wait(consumed_bar.at[slot])
+          issue(n, slot)
+
+  def entry(q_ref, k_ref, v_ref, table_ref, x0_ref, o_ref, x_end_ref):
+    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    smem = (
+        plgpu.SMEM((stages, block, dim), _BF16, **tiled),  # q
+        plgpu.SMEM((stages, block, dim), _BF16, **tiled),  # k
+        plgpu.SMEM((stages, num_wg, block, vt), _BF16, **tiled),  # v, one slice per warpgroup
+        plgpu.SMEM((num_wg, dim, vt), _BF16, **tiled),  # bf16 copy of the state
+        plgpu.SMEM((num_wg, block, vt), _BF16, **tiled),  # v * lambda^(C-1-j)
+        plgpu.SMEM((num_wg, block, vt), _BF16, **tiled),  # o staging
+        plgpu.SMEM((num_wg, _NUM_VECS, width), _F32),  # decay table
+    )
+    barriers = (
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages * num_wg),
+        plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
+        plgpu.Barrier(num_barriers=num_wg),
+    )
+    pl.run_scoped(
+        lambda *scoped: kernel(q_ref, k_ref, v_ref, table_ref, x0_ref, o_ref, x_end_ref,
+                               scoped),
+        smem, barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct(q.shape, _BF16),
+                jax.ShapeDtypeStruct((batch, heads, dim, dim), _F32)),
+      grid=(heads, batch),
+      grid_names=("heads", "batch"),
+      num_threads=num_wg + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q, k, v, table, x0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_size", "num_stages"))
+def lightning_attention_forward_mosaic(q, k, v, slope, initial_state=None, *,
+                                       block_size: int = 64, num_stages: int = 2):
+  """Lightning attention forward on Hopper through Mosaic GPU (not differentiable).
+
+  Args:
+    q, k, v: [B, T, H, D] bfloat16, D in {64, 128}, T a multiple of block_size.
+    slope: [H]; the decay per token is exp(-slope).
+    initial_state: [B, H, D, D] (float32 accumulation) or None for zeros.
+    block_size: tokens per block C, 64 or 128.
+    num_stages: SMEM slots for the q, k, v blocks (loads run up to this many blocks ahead).
+
+  Returns:
+    o [B, T, H, D] bfloat16 and the final state [B, H, D, D] float32.
+  """
+  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+    raise ValueError(f"q, k, v must all be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
+  if any(jnp.dtype(x.dtype) != jnp.dtype(_BF16) for x in (q, k, v)):
+    raise ValueError(f"q, k, v must be bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
+  batch, seq_len, heads, dim = q.shape
+  if dim not in (64, 128):
+    raise ValueError(f"head dim D must be 64 or 128; got {dim}")
+  if block_size not in (64, 128):
+    raise ValueError(f"block_size must be 64 or 128; got {block_size}")
+  if seq_len == 0 or seq_len % block_size:
+    raise ValueError(f"T must be a positive multiple of block_size={block_size}; got {seq_len}")
+  if num_stages < 1:
+    raise ValueError(f"num_stages must be >= 1; got {num_stages}")
+  if slope.shape != (heads,):
+    raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
+  if initial_state is None:
+    initial_state = jnp.zeros((batch, heads, dim, dim), _F32)
+  elif initial_state.shape != (batch, heads, dim, dim):
+    raise ValueError(f"initial_state must be [B, H, D, D]={[batch, heads, dim, dim]}; got "
+                     f"{initial_state.shape}")
+  table = _decay_table(slope, block_size, dim)
+  return _forward(q, k, v, table, initial_state.astype(_F32), block=block_size,
+                  num_stages=num_stages)
