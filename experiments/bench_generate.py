@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 import jax
 
+from experiments import bench_log
 from m1jax import config
 from m1jax.generate import benchmark
 
@@ -41,12 +42,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parameters and cache
 def main(argv):
   del argv
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  log_file = open(os.path.join(_OUT_DIR.value, "bench_generate.log"), "a")
-
-  def log(msg: str):
-    print(msg, flush=True)
-    log_file.write(msg + "\n")
-    log_file.flush()
+  log = bench_log.tee(os.path.join(_OUT_DIR.value, "bench_generate.log"))
 
   hybrid = config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
   configs = {"hybrid": hybrid, "all_softmax": benchmark.all_softmax(hybrid)}
@@ -61,7 +57,6 @@ def main(argv):
   benchmark.plot(results, os.path.join(_OUT_DIR.value, "bench_generate.png"),
                  f"decode step, preset {_PRESET.value}, batch {_BATCH.value}, {_DTYPE.value}")
   log("\n" + benchmark.table(results))
-  log_file.close()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 import jax  # noqa: E402
 
+from experiments import bench_log  # noqa: E402
 from pallas_kernels import lightning_bench as bench  # noqa: E402
 from pallas_kernels.lightning_attention import DEFAULT_CONFIG  # noqa: E402
 from pallas_kernels.lightning_attention import KernelConfig  # noqa: E402
@@ -84,12 +85,7 @@ def _versions() -> str:
 def main(argv):
   del argv
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  log_file = open(os.path.join(_OUT_DIR.value, "lightning_bench.log"), "a")
-
-  def log(msg: str):
-    print(msg, flush=True)
-    log_file.write(msg + "\n")
-    log_file.flush()
+  log = bench_log.tee(os.path.join(_OUT_DIR.value, "lightning_bench.log"))
 
   log(f"date {datetime.date.today()}; device {jax.devices()[0].device_kind}; {_versions()}")
   seq_lens = [int(t) for t in _SEQ_LENS.value]
@@ -116,7 +112,6 @@ def main(argv):
   bench.plot(rows, os.path.join(_OUT_DIR.value, "lightning_bench.png"))
   log(f"\nkernel config: {config}")
   log(bench.markdown_table(rows))
-  log_file.close()
 
 
 if __name__ == "__main__":

@@ -46,8 +46,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
-from pallas_kernels import lightning_mosaic
-
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -365,6 +363,11 @@ def _transpose_state(x):
 _MOSAIC_BLOCK = 64  # token block of the Mosaic GPU forward
 
 
+def is_hopper() -> bool:
+  """Whether the default device is a GPU of compute capability 9.x (the Mosaic forward's)."""
+  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+
+
 def _use_mosaic(q, config: KernelConfig, interpret: bool) -> bool:
   """Whether the forward runs the Mosaic GPU kernel (KernelConfig.forward_impl)."""
   if config.forward_impl == "triton":
@@ -373,7 +376,7 @@ def _use_mosaic(q, config: KernelConfig, interpret: bool) -> bool:
   unmet = []
   if interpret:
     unmet.append("compiled mode (it has no interpreter)")
-  elif not str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9."):
+  elif not is_hopper():
     unmet.append("a GPU of compute capability 9.x (Hopper)")
   if jnp.dtype(q.dtype) != jnp.dtype(jnp.bfloat16):
     unmet.append(f"bfloat16 inputs (got {q.dtype})")
@@ -403,7 +406,9 @@ def _mosaic_forward(q, k, v, slope, x0, plan: _Plan, interpret: bool, kernel=Non
   independent sequences whose start states come from the Triton pre-pass and a scan over
   segments. q, k, v [B, T, H, D]; x0 [B, H, D, D] -> (o [B, T, H, D], final state [B, H, D, D]).
   `kernel(q, k, v, slope, initial_state)` defaults to the Mosaic kernel (tests pass another)."""
-  kernel = kernel or lightning_mosaic.lightning_attention_forward_mosaic
+  if kernel is None:  # imported here: Mosaic GPU costs 0.24 s of import for Triton-only users
+    from pallas_kernels import lightning_mosaic  # pylint: disable=g-import-not-at-top
+    kernel = lightning_mosaic.lightning_attention_forward_mosaic
   batch, seq_len, heads, dim = q.shape
   num_segments = plan.num_segments
   if num_segments == 1:

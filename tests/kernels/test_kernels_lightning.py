@@ -306,28 +306,25 @@ def test_gpu_decode_matches_reference(dtype, dim):
   _check_decode(dtype, batch=5, dim=dim, interpret=False, value_tile=64)
 
 
-def _is_hopper() -> bool:
-  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
-
+requires_hopper = pytest.mark.skipif(not kernel_module.is_hopper(),
+                                     reason="the Mosaic GPU forward needs compute capability 9.x")
 
 MOSAIC_CONFIGS = [KernelConfig(forward_impl="mosaic"),  # B * H = 6: 5 segments of 64 tokens
                   KernelConfig(forward_impl="mosaic", min_programs=1)]  # one segment
 
 
 @pytest.mark.gpu
+@requires_hopper
 @pytest.mark.parametrize("dim", [64, 128])
 @pytest.mark.parametrize("config", MOSAIC_CONFIGS, ids=["segments", "one"])
 def test_gpu_mosaic_forward_matches_recurrent(dim, config):
-  if not _is_hopper():
-    pytest.skip("the Mosaic GPU forward needs compute capability 9.x")
   _check_forward(jnp.bfloat16, batch=2, seq_len=320, dim=dim, config=config, interpret=False)
   q = jnp.zeros((2, 320, len(SLOPES), dim), jnp.bfloat16)
   assert kernel_module._use_mosaic(q, KernelConfig(), interpret=False)  # "auto" picks it
 
 
 @pytest.mark.gpu
+@requires_hopper
 @pytest.mark.parametrize("config", MOSAIC_CONFIGS, ids=["segments", "one"])
 def test_gpu_vjp_after_mosaic_forward(config):
-  if not _is_hopper():
-    pytest.skip("the Mosaic GPU forward needs compute capability 9.x")
   _check_vjp(jnp.bfloat16, batch=2, seq_len=320, dim=128, config=config, interpret=False)
