@@ -46,7 +46,6 @@ _TOKENS = 32768
 # sweep kernel itself were chosen in earlier runs (docs/kernel_notes.md).
 _CANDIDATES = [DEFAULT_CONFIG] + [
     dataclasses.replace(DEFAULT_CONFIG, **fields) for fields in (
-        dict(state_split=1, state_block_size=64),
         dict(state_split=1, state_block_size=128),
         dict(state_split=1, state_block_size=128, state_num_stages=3),
         dict(state_split=2, state_block_size=64),
@@ -93,8 +92,7 @@ def main(argv):
 
   config = _parse_config(_CONFIG.value)
   if _SWEEP.value:
-    candidates = list(dict.fromkeys(_CANDIDATES))  # DEFAULT_CONFIG may repeat a variant
-    relative = bench.sweep(candidates, _SWEEP_SHAPES, log)
+    relative = bench.sweep(_CANDIDATES, _SWEEP_SHAPES, log)
     config = min(relative, key=relative.get)
     for c, rel in sorted(relative.items(), key=lambda kv: kv[1]):
       log(f"sweep time / default's {rel:6.3f}  {c}")
