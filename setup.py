@@ -7,9 +7,9 @@ setuptools.setup(
     version="0.1.0",
     description="MiniMax-M1 in JAX: hybrid lightning-attention MoE, Pallas kernels, CISPO RL.",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(
-        include=["m1jax", "m1jax.*", "pallas_kernels", "pallas_kernels.*", "experiments",
-                 "experiments.*", "configs", "configs.*"]),
+    # experiments/ and configs/ run from the checkout (python -m experiments.train).
+    packages=setuptools.find_packages(include=["m1jax", "m1jax.*", "pallas_kernels",
+                                               "pallas_kernels.*"]),
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12",

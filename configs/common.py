@@ -1,6 +1,6 @@
 """Settings shared by the arithmetic configs (demo, SFT, RL ablations)."""
 
-from m1jax.train import defaults
+from m1jax.train import schema
 
 
 def arithmetic(mode: str):
@@ -11,9 +11,9 @@ def arithmetic(mode: str):
   not learn to copy the digits it needs (2.7% held-out accuracy after 200 SFT steps against 17%
   here; docs/training.md). The 7:1 layout is the `small` and `minimax-m1-456b` presets'.
   """
-  c = defaults.base_config()
+  c = schema.base_config()
   c.mode = mode
-  c.model = defaults.model_fields("tiny", vocab_size=264, hidden_size=128,
+  c.model = schema.model_fields("tiny", vocab_size=264, hidden_size=128,
                                   attn_type_list=(1, 0, 1, 0))
   c.task.name = "arithmetic"
   c.task.kwargs.min_digits = 1

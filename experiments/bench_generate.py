@@ -2,28 +2,25 @@ r"""Decode speed vs context length: the hybrid model against an all-softmax twin
 
 For each context length, times --steps decode steps (median, after --warmup) of the --preset model
 (7 lightning : 1 softmax) and of the same model with every layer softmax, both with random bf16
-parameters and a cache filled with random values up to the context (m1jax/generate/benchmark.py
-says why that measures the same step as after a prefill). Prints a table with the fitted slope
-(ms per 1K context) of each model and writes bench_generate.csv, bench_generate.png and
+parameters and a cache filled with random values up to the context (experiments/benchmarks/
+generate.py says why that times the step that follows a prefill). Prints a table with the fitted
+slope (ms per 1K context) of each model and writes bench_generate.csv, bench_generate.png and
 bench_generate.log to --out_dir.
 
-  PYTHONPATH=. python experiments/bench_generate.py --out_dir=results/bench_generate
+  python -m experiments.bench_generate --out_dir=results/bench_generate
   # CPU smoke run:
-  PYTHONPATH=. python experiments/bench_generate.py --preset=tiny --contexts=64,128 --batch=2 \
+  python -m experiments.bench_generate --preset=tiny --contexts=64,128 --batch=2 \
       --steps=2 --warmup=1 --out_dir=/tmp/bench_generate
 """
 
-import datetime
 import os
-import platform
 
 from absl import app
 from absl import flags
-import jax
 
-from experiments import bench_log
+from experiments import reporting
+from experiments.benchmarks import generate as benchmark
 from m1jax import config
-from m1jax.generate import benchmark
 
 _OUT_DIR = flags.DEFINE_string("out_dir", os.environ.get("OUT", "results/bench_generate"),
                                "Folder for the CSV, plot and log.")
@@ -42,18 +39,17 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random parameters and cache
 def main(argv):
   del argv
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  log = bench_log.tee(os.path.join(_OUT_DIR.value, "bench_generate.log"))
+  log = reporting.tee(os.path.join(_OUT_DIR.value, "bench_generate.log"))
 
   hybrid = config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
   configs = {"hybrid": hybrid, "all_softmax": benchmark.all_softmax(hybrid)}
-  log(f"date {datetime.date.today()}; device {jax.devices()[0].device_kind}; "
-      f"python {platform.python_version()}, jax {jax.__version__}")
+  log(reporting.versions())
   log(f"preset {_PRESET.value} ({hybrid.num_lightning_layers} lightning + "
       f"{hybrid.num_softmax_layers} softmax layers) vs all softmax; dtype {_DTYPE.value}; "
       f"batch {_BATCH.value}; {_STEPS.value} timed steps after {_WARMUP.value} warm-up")
   results = benchmark.run(configs, [int(c) for c in _CONTEXTS.value], _BATCH.value, _STEPS.value,
                           _WARMUP.value, _SEED.value, _COMPILE_THREADS.value, log=log)
-  benchmark.write_csv(results, os.path.join(_OUT_DIR.value, "bench_generate.csv"))
+  reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "bench_generate.csv"), results)
   benchmark.plot(results, os.path.join(_OUT_DIR.value, "bench_generate.png"),
                  f"decode step, preset {_PRESET.value}, batch {_BATCH.value}, {_DTYPE.value}")
   log("\n" + benchmark.table(results))

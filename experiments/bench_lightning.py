@@ -5,24 +5,20 @@ Prints a table, writes lightning_bench.csv, lightning_bench.png and lightning_be
 --decode_batches with H = 64. With --sweep, the pre-pass variants in _CANDIDATES are timed first
 (forward and forward + backward, B = 1, T = 32K, H = 16) and the fastest is used for the tables.
 
-  PYTHONPATH=. python experiments/bench_lightning.py --out_dir=results/lightning
+  python -m experiments.bench_lightning --out_dir=results/lightning
 """
 
 import dataclasses
-import datetime
 import os
-import platform
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # torch shares the GPU
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
-import jax  # noqa: E402
 
-from experiments import bench_log  # noqa: E402
-from pallas_kernels import lightning_bench as bench  # noqa: E402
-from pallas_kernels.lightning_attention import DEFAULT_CONFIG  # noqa: E402
-from pallas_kernels.lightning_attention import KernelConfig  # noqa: E402
+from experiments import reporting  # noqa: E402
+from experiments.benchmarks import lightning as bench  # noqa: E402
+from pallas_kernels import DEFAULT_CONFIG, KernelConfig  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", os.environ.get("OUT", "results/lightning"),
                                "Folder for the CSV, plot and log.")
@@ -70,23 +66,12 @@ def _parse_config(items: list[str]) -> KernelConfig:
   return dataclasses.replace(DEFAULT_CONFIG, **fields)
 
 
-def _versions() -> str:
-  parts = [f"python {platform.python_version()}", f"jax {jax.__version__}"]
-  for name in ("jaxlib", "torch", "triton", "fla"):
-    try:
-      module = __import__(name)
-      parts.append(f"{name} {getattr(module, '__version__', '?')}")
-    except ImportError:
-      parts.append(f"{name} absent")
-  return ", ".join(parts)
-
-
 def main(argv):
   del argv
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  log = bench_log.tee(os.path.join(_OUT_DIR.value, "lightning_bench.log"))
+  log = reporting.tee(os.path.join(_OUT_DIR.value, "lightning_bench.log"))
 
-  log(f"date {datetime.date.today()}; device {jax.devices()[0].device_kind}; {_versions()}")
+  log(reporting.versions("jaxlib", "torch", "triton", "fla"))
   seq_lens = [int(t) for t in _SEQ_LENS.value]
   shapes = [(_TOKENS // t, t, int(h), _DIM) for h in _HEADS.value for t in seq_lens]
 
@@ -103,10 +88,10 @@ def main(argv):
   for shape in shapes:  # The CSV is rewritten after each case, so a cut-short run keeps its rows.
     rows += bench.bench_prefill(config, [shape], log, with_fla=_FLA.value, with_xla=_XLA.value,
                                 with_cudnn=_CUDNN.value)
-    bench.write_csv(rows, csv_path)
+    reporting.write_dataclass_csv(csv_path, rows)
   for batch in [int(b) for b in _DECODE_BATCHES.value]:
     rows += bench.bench_decode([batch], 64, _DIM, log, with_fla=_FLA.value)
-    bench.write_csv(rows, csv_path)
+    reporting.write_dataclass_csv(csv_path, rows)
   bench.plot(rows, os.path.join(_OUT_DIR.value, "lightning_bench.png"))
   log(f"\nkernel config: {config}")
   log(bench.markdown_table(rows))

@@ -1,18 +1,18 @@
 r"""Sharded RL train step (rl_update) on several meshes: agreement with one device, tokens/s, MFU.
 
-  python experiments/bench_train_step.py --out_dir=results/train_step   # all local GPUs
+  python -m experiments.bench_train_step --out_dir=results/train_step   # all local GPUs
 
-Meshes are given as `axis=size,...` separated by `;` (axes: data, fsdp, tensor, expert).
+Meshes are given as `axis=size,...` separated by `;` (axes: data, fsdp, tensor, expert). Writes
+train_step.csv and train_step.md to --out_dir.
 """
 
-import csv
-import dataclasses
 import os
 
 from absl import app, flags
 
+from experiments import reporting
+from experiments.benchmarks import train_step as benchmark
 from m1jax import config
-from m1jax.train import benchmark
 
 _PRESET = flags.DEFINE_string("preset", "small", "config.preset name.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
@@ -20,8 +20,9 @@ _MESHES = flags.DEFINE_string("meshes", "fsdp=1;fsdp=2;expert=2;data=2", "Meshes
 _ROWS = flags.DEFINE_integer("rows", 16, "Sequences per step.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
 _RESPONSE_LEN = flags.DEFINE_integer("response_len", 896, "Response tokens per sequence.")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 800.0,
-                                  "Per-device peak for MFU (800: measured bf16 matmul, H200).")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", reporting.PEAK_BF16_FLOPS / 1e12,
+                                  "Per-device peak for MFU (default: the measured H200 bf16 "
+                                  "matmul rate).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "results/train_step", "CSV and table folder.")
 
 
@@ -33,10 +34,7 @@ def main(argv):
   results = benchmark.run_meshes(cfg, shapes, _ROWS.value, _PROMPT_LEN.value, _RESPONSE_LEN.value,
                                  _PEAK_TFLOPS.value * 1e12)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  with open(os.path.join(_OUT_DIR.value, "train_step.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=[x.name for x in dataclasses.fields(results[0])])
-    writer.writeheader()
-    writer.writerows(dataclasses.asdict(r) for r in results)
+  reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "train_step.csv"), results)
   text = benchmark.table(results)
   with open(os.path.join(_OUT_DIR.value, "train_step.md"), "w") as f:
     f.write(text + "\n")

@@ -11,7 +11,7 @@ add --num_processes=N --process_id=i --coordinator_address=host:port to each.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from m1jax.train import defaults
+from m1jax.train import schema
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (configs/*.py).",
                                           lock_config=True)
@@ -28,11 +28,11 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # library INFO logs (orbax) drown the progress bar
   try:
-    defaults.validate(_CONFIG.value)  # fail fast, before the heavy imports and devices
+    schema.validate(_CONFIG.value)  # fail fast, before the heavy imports and devices
   except ValueError as e:
     raise app.UsageError(str(e)) from None
-  from m1jax.train import driver, run  # pylint: disable=g-import-not-at-top
-  run.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from m1jax.train import context, driver  # pylint: disable=g-import-not-at-top
+  context.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   summary = driver.run_from_config(_CONFIG.value, _WORKDIR.value)
   print(driver.format_summary(summary))
 

@@ -16,12 +16,14 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from pallas_kernels.lightning import IMPLEMENTATIONS as LIGHTNING_IMPLS
+from pallas_kernels.lightning import KernelConfig
+
 LIGHTNING = 0  # `attn_type_list` value of a lightning (linear, decayed) attention layer.
 SOFTMAX = 1  # `attn_type_list` value of a softmax (GQA) attention layer.
 _HF_LAYER_TYPES = {"linear_attention": LIGHTNING, "full_attention": SOFTMAX}
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-LIGHTNING_IMPLS = ("auto", "blockwise", "recurrent", "quadratic", "pallas")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 MOE_IMPLS = ("ragged", "dense")
 REMAT_POLICIES = ("none", "full", "dots_saveable")
@@ -82,7 +84,9 @@ class ModelConfig:
   num_experts_per_tok: int = 2
   shared_intermediate_size: int = 0  # No release uses a shared expert; only 0 is supported.
   router_aux_loss_coef: float = 0.001
-  block_size: int = 256  # Lightning attention block length.
+  # Lightning attention block length of the released engine; m1jax's jnp blockwise path tiles by
+  # it. The Pallas kernels tile by lightning_kernel.block_size (their on-chip limits).
+  block_size: int = 256
   hidden_act: str = "silu"
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 10240000
@@ -98,6 +102,8 @@ class ModelConfig:
   rope_full_head: bool = False
   slope_convention: str = "original"  # "original": 1 - l/(L-1); "transformers": 1 - l/(L-1+1e-5).
   lightning_impl: str = "auto"  # auto: pallas on GPU, blockwise elsewhere.
+  # Tiling and forward kernel of the Pallas lightning kernels (lightning_impl "pallas").
+  lightning_kernel: KernelConfig = KernelConfig()
   # jax.nn.dot_product_attention implementation (auto: cudnn when it applies).
   attention_impl: str = "auto"
   # ragged: dropless grouped GEMM (lax.ragged_dot); dense: all experts (tests).
@@ -160,6 +166,12 @@ class ModelConfig:
         fail(field, f"must be one of {allowed}")
     if self.moe_capacity_factor is not None and not self.moe_capacity_factor > 0:
       fail("moe_capacity_factor", "must be positive, or None for dropless routing")
+    if not isinstance(self.lightning_kernel, KernelConfig):
+      fail("lightning_kernel", "must be a pallas_kernels.KernelConfig")
+    try:
+      self.lightning_kernel.validate()
+    except ValueError as e:
+      raise ValueError(f"ModelConfig.lightning_kernel: {e}") from None
 
   # ----------------------------------------------------------------------------------------------
   # Derived quantities.
@@ -175,6 +187,19 @@ class ModelConfig:
   @property
   def num_softmax_layers(self) -> int:
     return self.num_hidden_layers - self.num_lightning_layers
+
+  @property
+  def layer_period(self) -> int:
+    """Smallest p dividing num_hidden_layers with attn_type_list repeating every p layers (8 for
+    the released 7:1 layout; num_hidden_layers when the layout does not repeat). The model scans
+    over num_hidden_layers / p groups of p layers."""
+    types, n = self.attn_type_list, self.num_hidden_layers
+    return next(p for p in range(1, n + 1)
+                if n % p == 0 and all(types[i] == types[i % p] for i in range(n)))
+
+  @property
+  def num_layer_groups(self) -> int:
+    return self.num_hidden_layers // self.layer_period
 
   @property
   def effective_rotary_dim(self) -> int:

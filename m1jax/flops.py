@@ -36,7 +36,7 @@ LAYER_KINDS = (SOFTMAX, LIGHTNING, MLA)
 MLA_FORMS = ("absorbed", "naive")
 LIGHTNING_FORMS = ("recurrent", "chunked")
 
-# Figure 1 (right) as plotted in the paper, read off the plot (minimax_m1_facts.md). The x labels
+# Figure 1 (right) as plotted in the paper, read off the plot (docs/paper.md). The x labels
 # 32K ... 128K are multiples of 1024: the paper's fitted curves reproduce the read values only so.
 PAPER_FIG1_LENGTHS = (32 * 1024, 64 * 1024, 100 * 1024, 128 * 1024)
 PAPER_FIG1_FLOPS = {
@@ -301,6 +301,44 @@ def quadratic_fit(arch: DecoderArch, counting: Counting = Counting()) -> tuple[f
   if counting.causal:
     return constant + slope / 2, slope
   return constant, 2 * slope
+
+
+# ------------------------------------------------------------------------------------------------
+# Training and kernel FLOPs (the numerators of MFU and TFLOP/s figures).
+PASSES = ("fwd", "fwd+bwd")
+
+
+def _check_pass(pass_: str) -> None:
+  if pass_ not in PASSES:
+    raise ValueError(f"pass_={pass_!r}: must be one of {PASSES}")
+
+
+def training_flops_per_token(arch: DecoderArch, seq_len: int,
+                             counting: Counting = Counting(lightning_form="chunked")) -> float:
+  """Forward + backward FLOPs per token of a training step on sequences of `seq_len` tokens:
+  3 x (a backward pass costs two forwards) the forward FLOPs of a token averaged over its causal context t = 1..seq_len (matmuls of
+  the active parameters, LM head included; softmax attention over t; lightning attention in
+  chunked form, counting's default)."""
+  seq_len = int(_check_at_least("seq_len", seq_len, minimum=1))
+  constant, slope = _affine(arch, counting)
+  return 3.0 * (constant + slope * (seq_len + 1) / 2)
+
+
+def lightning_attention_flops(pass_: str, batch: int, seq_len: int, heads: int, dim: int,
+                              block: int) -> float:
+  """Chunked lightning attention of one layer, blocks of `block` tokens: forward 4 T D (C + D)
+  per head, forward + backward 14 T D (C + D) (the backward's sweeps cost 2.5 forwards)."""
+  _check_pass(pass_)
+  per_head = {"fwd": 4, "fwd+bwd": 14}[pass_]
+  return float(per_head * seq_len * dim * (block + dim) * batch * heads)
+
+
+def softmax_attention_flops(pass_: str, batch: int, seq_len: int, heads: int, dim: int) -> float:
+  """Causal softmax attention of one layer: forward 2 T^2 D per head (QK^T and PV, half the
+  square), forward + backward 7 T^2 D (the backward recomputes the scores)."""
+  _check_pass(pass_)
+  per_head = {"fwd": 2, "fwd+bwd": 7}[pass_]
+  return float(per_head * seq_len ** 2 * dim * batch * heads)
 
 
 # ------------------------------------------------------------------------------------------------

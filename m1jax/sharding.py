@@ -28,6 +28,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("mlp", "tensor"),
     ("expert", "expert"),
+    ("layers", None),  # the scanned layer-group axis of stacked layer params
     ("head_dim", None),
     ("qkv_dim", None),
     ("norm", None),

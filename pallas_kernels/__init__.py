@@ -1,9 +1,13 @@
-"""Pallas GPU kernels for m1jax: Triton lowering (`interpret=True` runs them on CPU) and a Mosaic
-GPU forward for Hopper (pallas_kernels.lightning_mosaic), picked by lightning_attention."""
+"""Kernels of m1jax, each beside its pure-jnp reference and one dispatch (JAX's Pallas ops
+convention). Pallas on GPU: Mosaic GPU on Hopper, the Triton lowering elsewhere; `interpret=True`
+runs the kernels on CPU.
 
-from pallas_kernels.lightning_attention import DEFAULT_CONFIG
-from pallas_kernels.lightning_attention import KernelConfig
-from pallas_kernels.lightning_attention import lightning_attention
-from pallas_kernels.lightning_attention import lightning_attention_decode
+  lightning/   lightning attention forward, backward (custom_vjp) and decode
+"""
+
+from pallas_kernels.lightning import DEFAULT_CONFIG
+from pallas_kernels.lightning import KernelConfig
+from pallas_kernels.lightning import lightning_attention
+from pallas_kernels.lightning import lightning_attention_decode
 
 __all__ = ["DEFAULT_CONFIG", "KernelConfig", "lightning_attention", "lightning_attention_decode"]

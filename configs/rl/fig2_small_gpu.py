@@ -9,12 +9,12 @@ The second command trains one SFT + CISPO run. Not yet run on a GPU (no timing t
 """
 
 from configs import common
-from m1jax.train import defaults
+from m1jax.train import schema
 
 
 def get_config():
   c = common.arithmetic("sft_rl")
-  c.model = defaults.model_fields("small", dtype="bfloat16")
+  c.model = schema.model_fields("small", dtype="bfloat16")
   c.task.kwargs.max_digits = 4
   c.sft.steps = 600
   c.sft.batch_size = 128

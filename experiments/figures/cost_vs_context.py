@@ -25,8 +25,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from m1jax.generate import benchmark  # noqa: E402
-from pallas_kernels import lightning_bench  # noqa: E402
+from experiments import reporting  # noqa: E402
+from experiments.benchmarks import generate as benchmark  # noqa: E402
+from experiments.benchmarks import lightning as lightning_bench  # noqa: E402
 
 _KERNEL_CSV = flags.DEFINE_string("kernel_csv", "results/lightning/lightning_bench.csv",
                                   "lightning_bench.csv of experiments/bench_lightning.py.")
@@ -40,9 +41,10 @@ _KERNEL_KIND = flags.DEFINE_enum("kernel_kind", "fwd", ["fwd", "fwd+bwd"],
                                  "Kernel pass plotted on the left.")
 
 _PRODUCERS = {
-    "kernel_csv": "PYTHONPATH=. python experiments/bench_lightning.py --out_dir=results/lightning",
-    "generate_csv": ("PYTHONPATH=. python experiments/bench_generate.py "
-                     "--out_dir=results/bench_generate"),
+    "kernel_csv": ("experiments/bench_lightning.py "
+                   "(`python -m experiments.bench_lightning --out_dir=results/lightning`)"),
+    "generate_csv": ("experiments/bench_generate.py "
+                     "(`python -m experiments.bench_generate --out_dir=results/bench_generate`)"),
 }
 # Kernel CSV impl -> (label, colour, line style); softmax dashed.
 _KERNEL_SERIES = {
@@ -57,8 +59,8 @@ _CASTS = {"int": int, "float": float, "str": str}
 def read_rows(path: str, row_type, flag: str) -> list:
   """The rows of a benchmark CSV as `row_type` dataclasses (columns cast by field type)."""
   if not os.path.exists(path):
-    raise ValueError(f"--{flag}={path}: no such file; it is written by `{_PRODUCERS[flag]}` "
-                     "(on a GPU)")
+    raise ValueError(f"--{flag}={path}: no such file; it is written by {_PRODUCERS[flag]} "
+                     "on a GPU")
   fields = {f.name: _CASTS[f.type if isinstance(f.type, str) else f.type.__name__]
             for f in dataclasses.fields(row_type)}
   with open(path, newline="") as f:
@@ -66,7 +68,7 @@ def read_rows(path: str, row_type, flag: str) -> list:
     missing = [name for name in fields if name not in (reader.fieldnames or [])]
     if missing:
       raise ValueError(f"--{flag}={path}: column(s) {missing} missing; expected the CSV written "
-                       f"by `{_PRODUCERS[flag]}`")
+                       f"by {_PRODUCERS[flag]}")
     rows = [row_type(**{name: cast(row[name]) for name, cast in fields.items()}) for row in reader]
   if not rows:
     raise ValueError(f"--{flag}={path}: no rows")
@@ -107,21 +109,16 @@ def generate_series(rows) -> dict[tuple[str, int], list[tuple[int, float]]]:
   return {key: sorted(points) for key, points in series.items()}
 
 
-def _markdown(header, rows) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
 def tables(kind, heads, kernel, decode, decode_rows) -> str:
   lengths = sorted({t for points in kernel.values() for t, _ in points})
   by_impl = {impl: dict(points) for impl, points in kernel.items()}
-  kernel_table = _markdown(
+  kernel_table = reporting.markdown_table(
       ["T"] + [f"{_KERNEL_SERIES[impl][0]} (us/token)" for impl in kernel],
       [[t] + [f"{by_impl[impl][t]:.4g}" if t in by_impl[impl] else "-" for impl in kernel]
        for t in lengths])
   contexts = sorted({c for points in decode.values() for c, _ in points})
   by_model = {key: dict(points) for key, points in decode.items()}
-  decode_table = _markdown(
+  decode_table = reporting.markdown_table(
       ["context"] + [f"{name} batch {batch} (ms/step)" for name, batch in decode],
       [[c] + [f"{by_model[key][c]:.4g}" if c in by_model[key] else "-" for key in decode]
        for c in contexts]

@@ -7,7 +7,6 @@ and prints the tables. Counting: m1jax/flops.py; discussion: docs/figures.md.
   python -m experiments.figures.fig1_flops --out_dir=results/fig1
 """
 
-import csv
 import os
 
 from absl import app
@@ -18,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import reporting  # noqa: E402
 from m1jax import flops  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "results/fig1", "Folder for the PNG, CSV and tables.")
@@ -30,12 +30,6 @@ _LABELS = {"deepseek-r1": "DeepSeek-R1", "qwen3-235b-a22b": "Qwen3-235B-A22B",
            "minimax-m1": "MiniMax-M1"}
 _COLORS = {"deepseek-r1": "tab:blue", "qwen3-235b-a22b": "tab:green", "minimax-m1": "tab:red"}
 _NAIVE_MLA = flops.Counting(mla_form="naive")
-
-
-def _markdown(header, rows):
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-  return "\n".join(lines)
 
 
 def _length_labels():
@@ -53,7 +47,7 @@ def _ratio_table(archs, prompt_len):
       row += [f"{ours[key][i]:.3f}", f"{ours['paper ' + key][i]:.3f}"]
     row.insert(3, f"{naive['minimax-m1/deepseek-r1'][i]:.3f}")
     rows.append(row)
-  return _markdown(["gen length", "M1/R1 ours (absorbed MLA)", "M1/R1 paper",
+  return reporting.markdown_table(["gen length", "M1/R1 ours (absorbed MLA)", "M1/R1 paper",
                     "M1/R1 ours (naive MLA)", "M1/Qwen3 ours", "M1/Qwen3 paper"], rows)
 
 
@@ -66,7 +60,7 @@ def _absolute_table(archs, prompt_len):
       rows.append([_LABELS[name], label] + [f"{v / 1e16:.3f}" for v in values])
     if name == "deepseek-r1":
       rows.append([_LABELS[name], "ours, naive MLA"] + [f"{v / 1e16:.3f}" for v in naive[name]])
-  return _markdown(["model", "count"] + _length_labels(), rows)
+  return reporting.markdown_table(["model", "count"] + _length_labels(), rows)
 
 
 def _fit_table(archs):
@@ -79,7 +73,7 @@ def _fit_table(archs):
       a, b = flops.quadratic_fit(archs[name], counting)
       rows.append([_LABELS[name], label, f"{a:.4g}", f"{paper_a:.4g}", f"{paper_a / a:.3f}",
                    f"{b:.4g}", f"{paper_b:.4g}", f"{paper_b / b:.3f}"])
-  return _markdown(["model", "count", "a ours", "a paper", "paper/ours", "b ours", "b paper",
+  return reporting.markdown_table(["model", "count", "a ours", "a paper", "paper/ours", "b ours", "b paper",
                     "paper/ours"], rows)
 
 
@@ -100,7 +94,7 @@ def _convention_table(archs, prompt_len):
               + [" / ".join(f"{r:.3f}" for r in paper[f"paper minimax-m1/{other}"])
                  for other in ("deepseek-r1", "qwen3-235b-a22b")] + ["1", "1", "1", "0"])
   lengths = ", ".join(_length_labels())
-  return _markdown(["counting", f"M1/R1 at {lengths}", f"M1/Qwen3 at {lengths}"]
+  return reporting.markdown_table(["counting", f"M1/R1 at {lengths}", f"M1/Qwen3 at {lengths}"]
                    + [f"{_LABELS[name]} ours/paper at 128K" for name in flops.PAPER_FIG1_FLOPS]
                    + ["RMS log error vs the 12 plotted values"], rows)
 
@@ -141,11 +135,9 @@ def main(argv):
   curves.update({f"{name} naive-mla": flops.cumulative_flops(arch, lengths, prompt_len, _NAIVE_MLA)
                  for name, arch in archs.items() if arch.count(flops.MLA)})
 
-  with open(os.path.join(out_dir, "fig1_flops.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["gen_length"] + list(curves))
-    for i, length in enumerate(lengths):
-      writer.writerow([int(length)] + [f"{curves[name][i]:.6e}" for name in curves])
+  reporting.write_csv(os.path.join(out_dir, "fig1_flops.csv"), ["gen_length"] + list(curves),
+                      [[int(length)] + [f"{curves[name][i]:.6e}" for name in curves]
+                       for i, length in enumerate(lengths)])
   _plot(archs, lengths, curves, os.path.join(out_dir, "fig1_flops.png"))
 
   tables = "\n\n".join([

@@ -9,13 +9,11 @@ about 85 minutes on 2 cores; rerunning skips finished runs. On a GPU, a larger r
 --config=configs/rl/fig2_small_gpu.py --workers=1.
 """
 
-import csv
 import os
-import subprocess
-import sys
 
 from absl import app, flags
 
+from experiments import reporting
 from m1jax.analysis import objectives
 
 _CONFIG = flags.DEFINE_string("config", "configs/sft/arithmetic.py", "Config of the SFT start "
@@ -36,34 +34,29 @@ def main(argv):
   out = _OUT_DIR.value
   sft_workdir = os.path.join(out, "sft")
   if not os.path.exists(os.path.join(sft_workdir, "summary.json")):
-    subprocess.run([sys.executable, "-m", "experiments.train", f"--config={_CONFIG.value}",
-                    f"--workdir={sft_workdir}", "--config.mode=sft", "--config.progress=False"],
-                   check=True)
-  overrides = [f"--config.rl.steps={_RL_STEPS.value}",
-               f"--config.rl.eval_every={_EVAL_EVERY.value}"]
+    error = objectives.train_run(_CONFIG.value, {"mode": "sft", "progress": False}, sft_workdir)
+    if error:
+      raise RuntimeError(f"the SFT start failed ({error}); see {sft_workdir}/stdout.log")
+  overrides = {"rl.steps": _RL_STEPS.value, "rl.eval_every": _EVAL_EVERY.value}
   runs = objectives.run_grid(_CONFIG.value, os.path.join(sft_workdir, "sft"), out, _KINDS.value,
                              [int(u) for u in _UPDATES.value], [int(s) for s in _SEEDS.value],
                              overrides, workers=_WORKERS.value,
                              extra_cispo_caps=[float(c) for c in _CISPO_CAPS.value])
   curves = objectives.collect(out, runs)
   rows = objectives.summary_rows(curves)
-  with open(os.path.join(out, "fig2_summary.csv"), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-  with open(os.path.join(out, "fig2_curves.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["kind", "updates_per_batch", "seed_index", "step", "eval_accuracy"])
-    for (kind, mu), c in sorted(curves.items()):
-      for i, accuracy in enumerate(c["accuracy"]):
-        writer.writerows([kind, mu, i, int(s), float(a)] for s, a in zip(c["steps"], accuracy))
-  lines = ["| objective | updates/batch | seeds | start | final (mean +- std) | best mean | "
-           "steps to reach DAPO's final | ratio to DAPO |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['kind']} | {r['updates_per_batch']} | {r['seeds']} | {r['start']:.3f} | "
-                 f"{r['final_mean']:.3f} +- {r['final_std']:.3f} | {r['best_mean']:.3f} | "
-                 f"{r['steps_to_threshold']:.1f} | {r['ratio_to_reference']:.2f} |")
-  table = "\n".join(lines)
+  reporting.write_csv(os.path.join(out, "fig2_summary.csv"), list(rows[0]),
+                      [list(r.values()) for r in rows])
+  reporting.write_csv(
+      os.path.join(out, "fig2_curves.csv"),
+      ["kind", "updates_per_batch", "seed_index", "step", "eval_accuracy"],
+      [[kind, mu, i, int(s), float(a)] for (kind, mu), c in sorted(curves.items())
+       for i, accuracy in enumerate(c["accuracy"]) for s, a in zip(c["steps"], accuracy)])
+  table = reporting.markdown_table(
+      ["objective", "updates/batch", "seeds", "start", "final (mean +- std)", "best mean",
+       "steps to reach DAPO's final", "ratio to DAPO"],
+      [[r["kind"], r["updates_per_batch"], r["seeds"], f"{r['start']:.3f}",
+        f"{r['final_mean']:.3f} +- {r['final_std']:.3f}", f"{r['best_mean']:.3f}",
+        f"{r['steps_to_threshold']:.1f}", f"{r['ratio_to_reference']:.2f}"] for r in rows])
   with open(os.path.join(out, "fig2_table.md"), "w") as f:
     f.write(table + "\n")
   objectives.plot(curves, os.path.join(out, "fig2_objectives.png"),

@@ -2,7 +2,7 @@
 
 The sampler is `m1jax.generate`: a prefill, then one-token decode steps on a KV cache and O(1)
 lightning states (the recurrent decode kernel). The trainer is one teacher-forced `model.forward`
-over the whole sequence with its padding mask, as m1jax.rl.trainer runs it (blockwise / Pallas
+over the whole sequence with its padding mask, as m1jax.train.rl runs it (blockwise / Pallas
 lightning attention, masked causal softmax attention).
 Same weights, same tokens, same compute dtype: only the kernels and the order of the arithmetic
 differ, as between the paper's inference and training engines.
@@ -24,10 +24,8 @@ experiments/figures/fig3_mismatch.py is the entry point.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import functools
-import json
 import os
 import textwrap
 from typing import Any, Sequence
@@ -38,7 +36,9 @@ import numpy as np
 
 from m1jax import config as config_lib
 from m1jax import convert, generate, model
+from m1jax.analysis import tables as tables_lib
 from m1jax.config import DTYPES, ModelConfig
+from m1jax.train import driver
 
 HEAD_DTYPES = ("bfloat16", "float32")
 # Pearson r of per-token probabilities, training vs inference mode (MiniMax-M1 report, Figure 3).
@@ -259,45 +259,13 @@ def measure(cfg: ModelConfig, params, prompts: jax.Array, *, key: jax.Array, max
       final_max_token_rel_l2=float(final_max), is_lightning=cfg.is_lightning)
 
 
-def load_stage_params(stage_dir: str) -> tuple[ModelConfig, Any]:
-  """Model config and final params of a training stage: `<workdir>/sft` or `<workdir>/rl`.
-
-  Reads the run's `<workdir>/config.json` (written by experiments/train.py), restores the latest
-  checkpoint of the stage onto this process's devices and returns its params on one device.
-  """
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from m1jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from m1jax.train import run  # pylint: disable=g-import-not-at-top
-
-  stage_dir = os.path.abspath(stage_dir)
-  workdir, name = os.path.split(stage_dir)
-  if name not in ("sft", "rl"):
-    raise ValueError(f"params_from={stage_dir!r}: expected a stage directory <workdir>/sft or "
-                     "<workdir>/rl")
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise ValueError(f"params_from={stage_dir!r}: no {config_path} (written by "
-                     "experiments/train.py)")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  ctx = run.build_context(config, workdir)
-  stage_cfg = config[name]
-  optimizer = optimizer_lib.make_optimizer(stage_cfg.optimizer, stage_cfg.steps)
-  stage = run.Stage(ctx, name, stage_cfg.steps, optimizer, stage_cfg, directory=stage_dir)
-  if stage.checkpointer.latest_step() is None:
-    raise ValueError(f"params_from={stage_dir!r}: no checkpoint in {stage.checkpointer.directory}")
-  params = jax.device_put(stage.final_params(), jax.devices()[0])
-  return ctx.model_cfg, params
-
-
 def load_model(*, preset: str = "small", dtype: str = "bfloat16", hf_dir: str = "",
                params_from: str = "", logit_std: float | None = None,
                seed: int = 0) -> tuple[ModelConfig, Any, str]:
   """The model to measure, in compute dtype `dtype`: a HF checkpoint, a training stage, or random.
 
   hf_dir: a directory written by convert.save_hf. params_from: a stage directory of
-  experiments/train.py (load_stage_params). Neither: config.preset(preset) with random weights
+  experiments/train.py (m1jax.train.driver.stage_params). Neither: config.preset(preset) with random weights
   (seed) and the LM head rescaled to logits of standard deviation `logit_std` (default
   DEFAULT_LOGIT_STD; rescale_lm_head says why); logit_std applies to random weights only.
   Returns (cfg, params, a one-line description of the weights).
@@ -313,7 +281,7 @@ def load_model(*, preset: str = "small", dtype: str = "bfloat16", hf_dir: str = 
     cfg, params = convert.load_hf(hf_dir, dtype=dtype)
     return cfg, params, f"HF checkpoint {hf_dir}"
   if params_from:
-    cfg, params = load_stage_params(params_from)
+    cfg, params = driver.stage_params(params_from)
     return cfg.replace(dtype=dtype), params, f"training stage {params_from}"
   cfg = config_lib.preset(preset, dtype=dtype)
   logit_std = DEFAULT_LOGIT_STD if logit_std is None else logit_std
@@ -323,12 +291,6 @@ def load_model(*, preset: str = "small", dtype: str = "bfloat16", hf_dir: str = 
 
 
 # --- report: PNGs, CSVs and markdown tables -------------------------------------------------------
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-  return "\n".join(lines)
-
 
 def _layer_names(result: MismatchResult) -> list[tuple[str, str]]:
   """(layer, kind) per row of the layer table: every layer, then the final norm."""
@@ -346,11 +308,11 @@ def tables(result: MismatchResult, threshold: float = 0.01) -> str:
     rows.append([dtype, s["n_tokens"], f"{s['pearson_r']:.6f}", f"{1 - s['pearson_r']:.3g}", paper,
                  f"{s['mean_abs_dp']:.3g}", f"{s['max_abs_dp']:.3g}",
                  f"{s['frac_abs_dp_gt_threshold']:.4f}"])
-  summary = _markdown(["LM head", "tokens", "Pearson r", "1 - r", "paper Pearson r",
+  summary = tables_lib.markdown_table(["LM head", "tokens", "Pearson r", "1 - r", "paper Pearson r",
                        "mean abs dp", "max abs dp", f"share abs dp > {threshold:g}"], rows)
   rel = list(result.layer_rel_l2) + [result.final_rel_l2]
   worst = list(result.layer_max_token_rel_l2) + [result.final_max_token_rel_l2]
-  layers = _markdown(["layer", "kind", "rel L2 diff", "worst token rel L2 diff"],
+  layers = tables_lib.markdown_table(["layer", "kind", "rel L2 diff", "worst token rel L2 diff"],
                      [[name, kind, f"{r:.3g}", f"{w:.3g}"]
                       for (name, kind), r, w in zip(_layer_names(result), rel, worst)])
   return "\n\n".join([
@@ -446,30 +408,29 @@ def write_report(result: MismatchResult, out_dir: str, description: str = "",
   the markdown (`description` first)."""
   os.makedirs(out_dir, exist_ok=True)
   rows, steps = np.nonzero(result.mask)
-  with open(os.path.join(out_dir, "fig3_pairs.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["lm_head_dtype", "row", "step", "token", "p_trainer", "p_sampler", "abs_dp"])
-    for dtype in result.head_dtypes:
-      p_trainer, p_sampler = result.probabilities(dtype)
-      for b, s, pt, ps in zip(rows, steps, p_trainer, p_sampler):
-        writer.writerow([dtype, b, s, result.tokens[b, s], f"{pt:.9g}", f"{ps:.9g}",
-                         f"{abs(ps - pt):.6g}"])
-  with open(os.path.join(out_dir, "fig3_summary.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["lm_head_dtype", "n_tokens", "pearson_r", "paper_pearson_r", "mean_abs_dp",
-                     "max_abs_dp", f"frac_abs_dp_gt_{threshold:g}"])
-    for dtype in result.head_dtypes:
-      s = result.stats(dtype, threshold)
-      writer.writerow([dtype, s["n_tokens"], f"{s['pearson_r']:.9g}",
-                       PAPER_PEARSON.get(dtype, ""), f"{s['mean_abs_dp']:.6g}",
-                       f"{s['max_abs_dp']:.6g}", f"{s['frac_abs_dp_gt_threshold']:.6g}"])
-  with open(os.path.join(out_dir, "fig3_layers.csv"), "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["layer", "kind", "rel_l2", "max_token_rel_l2"])
-    rel = list(result.layer_rel_l2) + [result.final_rel_l2]
-    worst = list(result.layer_max_token_rel_l2) + [result.final_max_token_rel_l2]
-    for (name, kind), r, w in zip(_layer_names(result), rel, worst):
-      writer.writerow([name, kind.split(" ")[0], f"{r:.6g}", f"{w:.6g}"])
+  pairs = []
+  for dtype in result.head_dtypes:
+    p_trainer, p_sampler = result.probabilities(dtype)
+    pairs += [[dtype, b, s, result.tokens[b, s], f"{pt:.9g}", f"{ps:.9g}", f"{abs(ps - pt):.6g}"]
+              for b, s, pt, ps in zip(rows, steps, p_trainer, p_sampler)]
+  tables_lib.write_csv(os.path.join(out_dir, "fig3_pairs.csv"),
+                       ["lm_head_dtype", "row", "step", "token", "p_trainer", "p_sampler", "abs_dp"],
+                       pairs)
+  summary = []
+  for dtype in result.head_dtypes:
+    s = result.stats(dtype, threshold)
+    summary.append([dtype, s["n_tokens"], f"{s['pearson_r']:.9g}", PAPER_PEARSON.get(dtype, ""),
+                    f"{s['mean_abs_dp']:.6g}", f"{s['max_abs_dp']:.6g}",
+                    f"{s['frac_abs_dp_gt_threshold']:.6g}"])
+  tables_lib.write_csv(os.path.join(out_dir, "fig3_summary.csv"),
+                       ["lm_head_dtype", "n_tokens", "pearson_r", "paper_pearson_r", "mean_abs_dp",
+                        "max_abs_dp", f"frac_abs_dp_gt_{threshold:g}"], summary)
+  rel = list(result.layer_rel_l2) + [result.final_rel_l2]
+  worst = list(result.layer_max_token_rel_l2) + [result.final_max_token_rel_l2]
+  tables_lib.write_csv(os.path.join(out_dir, "fig3_layers.csv"),
+                       ["layer", "kind", "rel_l2", "max_token_rel_l2"],
+                       [[name, kind.split(" ")[0], f"{r:.6g}", f"{w:.6g}"]
+                        for (name, kind), r, w in zip(_layer_names(result), rel, worst)])
   plot_probabilities(result, os.path.join(out_dir, "fig3_mismatch.png"), description)
   plot_layers(result, os.path.join(out_dir, "fig3_layers.png"))
   text = "\n\n".join(([description] if description else []) + [tables(result, threshold)])

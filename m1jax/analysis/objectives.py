@@ -1,6 +1,6 @@
 """Fig. 2 at small scale: RL objectives compared from one SFT start (CISPO vs DAPO vs GRPO, GSPO).
 
-`run_grid` trains one RL run per (objective, updates per batch, seed) with experiments.train in
+`run_grid` trains one RL run per (objective, updates per batch, seed) with the training driver in
 worker processes (resumable: finished runs are skipped); `collect` reads their held-out accuracy
 curves; `steps_to_reach` and `plot` summarise them.
 """
@@ -8,14 +8,17 @@ curves; `steps_to_reach` and `plot` summarise them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
-from typing import Sequence
+import traceback
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from m1jax.train import driver, schema
 
 # The paper's Fig. 2 (Qwen2.5-32B-base zero-RL, AIME 2024 avg@32), points read from the plot.
 PAPER_FIG2 = {
@@ -43,39 +46,51 @@ class Run:
     return f"{self.kind}{cap}_mu{self.updates_per_batch}_seed{self.seed}"
 
 
-def run_grid(config_path: str, sft_dir: str, out_dir: str, kinds: Sequence[str],
-             updates: Sequence[int], seeds: Sequence[int], overrides: Sequence[str] = (),
-             workers: int = 2, extra_cispo_caps: Sequence[float] = (), log=print) -> list[Run]:
-  """Trains every run (skipping finished ones) with `workers` experiments.train processes.
+def train_run(config_path: str, overrides: Mapping[str, Any], workdir: str) -> str:
+  """Trains one run with the training driver, its output in workdir/stdout.log; returns "" or the
+  error it failed with. Module-level, so that worker processes can run it."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "stdout.log"), "w") as log, \
+      contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    try:
+      config = schema.load_config(config_path, overrides)
+      print(driver.format_summary(driver.run_from_config(config, workdir)))
+    except Exception as e:  # pylint: disable=broad-except  (reported by the caller)
+      traceback.print_exc()
+      return f"{type(e).__name__}: {e}"
+  return ""
 
-  extra_cispo_caps: further CISPO runs, one per absolute IS-weight cap, beside the config's.
+
+def run_grid(config_path: str, sft_dir: str, out_dir: str, kinds: Sequence[str],
+             updates: Sequence[int], seeds: Sequence[int], overrides: Mapping[str, Any] = (),
+             workers: int = 2, extra_cispo_caps: Sequence[float] = (), log=print) -> list[Run]:
+  """Trains every run (skipping finished ones) in `workers` processes.
+
+  overrides: config keys set in every run ({"rl.steps": 40}); extra_cispo_caps: further CISPO
+  runs, one per absolute IS-weight cap, beside the config's.
   """
   runs = [Run(k, mu, s) for mu in updates for s in seeds for k in kinds]
   runs += [Run("cispo", mu, s, cap) for cap in extra_cispo_caps for mu in updates for s in seeds]
-  env = dict(os.environ)
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out_dir, "jax_cache"))
-
-  def train(run: Run) -> tuple[Run, int]:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(out_dir, "jax_cache"))
+  pending, jobs = [], []
+  for run in runs:
     workdir = os.path.join(out_dir, "runs", run.name)
     if os.path.exists(os.path.join(workdir, "summary.json")):
-      return run, 0
-    command = [sys.executable, "-m", "experiments.train", f"--config={config_path}",
-               f"--workdir={workdir}", "--config.mode=rl", f"--config.rl.init_from={sft_dir}",
-               f"--config.rl.loss.kind={run.kind}",
-               f"--config.rl.updates_per_batch={run.updates_per_batch}",
-               f"--config.seed={run.seed}", "--config.progress=False", *overrides]
+      log(f"{run.name}: done earlier")
+      continue
+    run_overrides = {**dict(overrides), "mode": "rl", "rl.init_from": sft_dir,
+                     "rl.loss.kind": run.kind, "rl.updates_per_batch": run.updates_per_batch,
+                     "seed": run.seed, "progress": False}
     if run.is_ratio_cap is not None:
-      command.append(f"--config.rl.loss.is_ratio_cap={run.is_ratio_cap}")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "stdout.log"), "w") as f:
-      code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    return run, code
-
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    for run, code in pool.map(train, runs):
-      log(f"{run.name}: {'done' if code == 0 else f'FAILED (exit {code}), see its stdout.log'}")
-      if code:
-        raise RuntimeError(f"run {run.name} failed")
+      run_overrides["rl.loss.is_ratio_cap"] = run.is_ratio_cap
+    pending.append(run)
+    jobs.append((config_path, run_overrides, workdir))
+  context = multiprocessing.get_context("spawn")  # a fresh JAX runtime per worker
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    for run, error in zip(pending, pool.map(train_run, *zip(*jobs)) if jobs else ()):
+      log(f"{run.name}: {'done' if not error else f'FAILED ({error}), see its stdout.log'}")
+      if error:
+        raise RuntimeError(f"run {run.name} failed: {error}")
   return runs
 
 

@@ -33,11 +33,10 @@ class _Slot(NamedTuple):
 
 
 def _to(path: tuple[str, ...], transform: Callable[[np.ndarray], np.ndarray] = lambda x: x,
-        index: int | None = None):
-  """A placer writing transform(src) into the leaf at `path` (or its row `index`)."""
+        index: tuple[int, ...] = ()):
+  """A placer writing transform(src) into the leaf at `path`, at `index` (its leading dims)."""
   def place(params, src):
-    leaf = _get_path(params, path)
-    leaf[... if index is None else index] = transform(src)
+    _get_path(params, path)[index] = transform(src)
   return place
 
 
@@ -47,49 +46,62 @@ def _get_path(tree: dict, path: tuple[str, ...]):
   return tree
 
 
+def _layer_location(cfg: ModelConfig, i: int) -> tuple[str, str, int]:
+  """Where layer i's params are stacked: ("layers", "layer_{i % p}") and row i // p."""
+  group, j = divmod(i, cfg.layer_period)
+  return "layers", f"layer_{j}", group
+
+
 def _layer_slots(cfg: ModelConfig, i: int, fused_experts: bool) -> dict[str, _Slot]:
   """HF key -> slot for layer i. Torch Linear weights are [out, in]; ours are [in, ...out]."""
   e, hd, nh, kvh = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
   inter, nx = cfg.intermediate_size, cfg.num_local_experts
-  p, ours = f"model.layers.{i}", f"layers_{i}"
+  *ours, group = _layer_location(cfg, i)
+  p = f"model.layers.{i}"
   in_first = lambda *shape: (lambda w: w.T.reshape(shape))  # [out, in] -> [in, *out_dims]
+
+  def at(*path, transform=lambda x: x):
+    return _to((*ours, *path), transform, (group,))
+
   slots = {
-      f"{p}.input_layernorm.weight": _Slot((e,), _to((ours, "input_norm", "scale"))),
-      f"{p}.post_attention_layernorm.weight": _Slot((e,), _to((ours, "post_attn_norm", "scale"))),
+      f"{p}.input_layernorm.weight": _Slot((e,), at("input_norm", "scale")),
+      f"{p}.post_attention_layernorm.weight": _Slot((e,), at("post_attn_norm", "scale")),
   }
   a = f"{p}.self_attn"
   if cfg.is_lightning[i]:
     slots.update({
         f"{a}.qkv_proj.weight": _Slot((3 * nh * hd, e),
-                                      _to((ours, "attn", "qkv"), in_first(e, nh, 3 * hd))),
+                                      at("attn", "qkv", transform=in_first(e, nh, 3 * hd))),
         f"{a}.output_gate.weight": _Slot((nh * hd, e),
-                                         _to((ours, "attn", "gate"), in_first(e, nh, hd))),
+                                         at("attn", "gate", transform=in_first(e, nh, hd))),
         f"{a}.out_proj.weight": _Slot((e, nh * hd),
-                                      _to((ours, "attn", "out"), in_first(nh, hd, e))),
-        f"{a}.norm.weight": _Slot((nh * hd,), _to((ours, "attn", "norm", "scale"),
-                                                  lambda w: w.reshape(nh, hd))),
+                                      at("attn", "out", transform=in_first(nh, hd, e))),
+        f"{a}.norm.weight": _Slot((nh * hd,), at("attn", "norm", "scale",
+                                                 transform=lambda w: w.reshape(nh, hd))),
     })
   else:
     slots.update({
-        f"{a}.q_proj.weight": _Slot((nh * hd, e), _to((ours, "attn", "q"), in_first(e, nh, hd))),
-        f"{a}.k_proj.weight": _Slot((kvh * hd, e), _to((ours, "attn", "k"), in_first(e, kvh, hd))),
-        f"{a}.v_proj.weight": _Slot((kvh * hd, e), _to((ours, "attn", "v"), in_first(e, kvh, hd))),
-        f"{a}.o_proj.weight": _Slot((e, nh * hd), _to((ours, "attn", "o"), in_first(nh, hd, e))),
+        f"{a}.q_proj.weight": _Slot((nh * hd, e), at("attn", "q", transform=in_first(e, nh, hd))),
+        f"{a}.k_proj.weight": _Slot((kvh * hd, e),
+                                    at("attn", "k", transform=in_first(e, kvh, hd))),
+        f"{a}.v_proj.weight": _Slot((kvh * hd, e),
+                                    at("attn", "v", transform=in_first(e, kvh, hd))),
+        f"{a}.o_proj.weight": _Slot((e, nh * hd), at("attn", "o", transform=in_first(nh, hd, e))),
     })
   moe = f"{p}.block_sparse_moe"
-  slots[f"{moe}.gate.weight"] = _Slot((nx, e), _to((ours, "moe", "router"), lambda w: w.T))
+  slots[f"{moe}.gate.weight"] = _Slot((nx, e), at("moe", "router", transform=lambda w: w.T))
   if fused_experts:
     def gate_up(params, src):  # [X, 2I, E], gate rows first
-      _get_path(params, (ours, "moe", "w1"))[...] = np.swapaxes(src[:, :inter], 1, 2)
-      _get_path(params, (ours, "moe", "w3"))[...] = np.swapaxes(src[:, inter:], 1, 2)
+      _get_path(params, (*ours, "moe", "w1"))[group] = np.swapaxes(src[:, :inter], 1, 2)
+      _get_path(params, (*ours, "moe", "w3"))[group] = np.swapaxes(src[:, inter:], 1, 2)
     slots[f"{p}.mlp.experts.gate_up_proj"] = _Slot((nx, 2 * inter, e), gate_up)
     slots[f"{p}.mlp.experts.down_proj"] = _Slot(
-        (nx, e, inter), _to((ours, "moe", "w2"), lambda w: np.swapaxes(w, 1, 2)))
+        (nx, e, inter), at("moe", "w2", transform=lambda w: np.swapaxes(w, 1, 2)))
   else:
     for x in range(nx):
       for name, shape in (("w1", (inter, e)), ("w3", (inter, e)), ("w2", (e, inter))):
         slots[f"{moe}.experts.{x}.{name}.weight"] = _Slot(
-            shape, _to((ours, "moe", name), np.transpose, x))
+            shape, _to((*ours, "moe", name), np.transpose, (group, x)))
   return slots
 
 
@@ -180,24 +192,26 @@ def export_tensors(cfg: ModelConfig, params) -> Iterator[tuple[str, np.ndarray]]
   yield "model.norm.weight", get("final_norm", "scale")
   yield "lm_head.weight", get("lm_head").T
   for i in range(cfg.num_hidden_layers):
-    p, ours = f"model.layers.{i}", f"layers_{i}"
-    yield f"{p}.input_layernorm.weight", get(ours, "input_norm", "scale")
-    yield f"{p}.post_attention_layernorm.weight", get(ours, "post_attn_norm", "scale")
+    p = f"model.layers.{i}"
+    *ours, group = _layer_location(cfg, i)
+    at = lambda *path: np.asarray(_get_path(params, (*ours, *path))[group])  # one layer's row
+    yield f"{p}.input_layernorm.weight", at("input_norm", "scale")
+    yield f"{p}.post_attention_layernorm.weight", at("post_attn_norm", "scale")
     a = f"{p}.self_attn"
     if cfg.is_lightning[i]:
-      yield f"{a}.qkv_proj.weight", get(ours, "attn", "qkv").reshape(e, 3 * nh * hd).T
-      yield f"{a}.output_gate.weight", get(ours, "attn", "gate").reshape(e, nh * hd).T
-      yield f"{a}.out_proj.weight", get(ours, "attn", "out").reshape(nh * hd, e).T
-      yield f"{a}.norm.weight", get(ours, "attn", "norm", "scale").reshape(nh * hd)
+      yield f"{a}.qkv_proj.weight", at("attn", "qkv").reshape(e, 3 * nh * hd).T
+      yield f"{a}.output_gate.weight", at("attn", "gate").reshape(e, nh * hd).T
+      yield f"{a}.out_proj.weight", at("attn", "out").reshape(nh * hd, e).T
+      yield f"{a}.norm.weight", at("attn", "norm", "scale").reshape(nh * hd)
     else:
-      yield f"{a}.q_proj.weight", get(ours, "attn", "q").reshape(e, nh * hd).T
-      yield f"{a}.k_proj.weight", get(ours, "attn", "k").reshape(e, kvh * hd).T
-      yield f"{a}.v_proj.weight", get(ours, "attn", "v").reshape(e, kvh * hd).T
-      yield f"{a}.o_proj.weight", get(ours, "attn", "o").reshape(nh * hd, e).T
+      yield f"{a}.q_proj.weight", at("attn", "q").reshape(e, nh * hd).T
+      yield f"{a}.k_proj.weight", at("attn", "k").reshape(e, kvh * hd).T
+      yield f"{a}.v_proj.weight", at("attn", "v").reshape(e, kvh * hd).T
+      yield f"{a}.o_proj.weight", at("attn", "o").reshape(nh * hd, e).T
     moe = f"{p}.block_sparse_moe"
-    yield f"{moe}.gate.weight", get(ours, "moe", "router").T
+    yield f"{moe}.gate.weight", at("moe", "router").T
     for name in ("w1", "w3", "w2"):
-      weights = get(ours, "moe", name)
+      weights = at("moe", name)
       for x in range(cfg.num_local_experts):
         yield f"{moe}.experts.{x}.{name}.weight", weights[x].T
 

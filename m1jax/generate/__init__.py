@@ -18,7 +18,8 @@ from m1jax.generate.sampling import SamplingConfig
 from m1jax.generate.sampling import filter_logits
 from m1jax.generate.sampling import sample
 from m1jax.generate.sampling import token_logprobs
+from m1jax.generate.sampling import token_logprobs_and_entropy
 
 __all__ = ["FinishReason", "GenerateConfig", "GenerateOutput", "generate", "stop_update",
            "CacheBytes", "cache_bytes", "SamplingConfig", "filter_logits", "sample",
-           "token_logprobs"]
+           "token_logprobs", "token_logprobs_and_entropy"]

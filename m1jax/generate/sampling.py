@@ -63,9 +63,21 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> 
   """log_softmax(logits / T)[token] over the full vocabulary, in float32.
 
   logits [..., V]; tokens int [...] -> [...]. T = 1 when temperature is 0 (greedy). The sampler
-  reports exactly this; the trainer should evaluate its log-probs with it too.
+  reports exactly this; the trainer evaluates its log-probs with it too.
   """
   logprobs = jax.nn.log_softmax(scaled_logits(logits, temperature), axis=-1)
+  return _gather(logprobs, tokens)
+
+
+def token_logprobs_and_entropy(logits: jax.Array, tokens: jax.Array,
+                               temperature: float) -> tuple[jax.Array, jax.Array]:
+  """`token_logprobs` and the entropy of the same distribution. logits [..., V]; tokens int [...]
+  -> (log-probs [...], entropies [...]) in float32."""
+  logprobs = jax.nn.log_softmax(scaled_logits(logits, temperature), axis=-1)
+  return _gather(logprobs, tokens), -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+
+
+def _gather(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
   return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 

@@ -18,7 +18,7 @@ from m1jax.model.moe import RouterStats, aux_loss
 from m1jax.model.transformer import DecodeCache, Transformer, init_cache, lm_head_logits
 
 __all__ = ["ModelOutput", "DecodeCache", "init", "abstract_params", "forward", "init_cache",
-           "logical_axes", "param_counts", "lm_head_logits", "positions_from_mask"]
+           "layer_params", "logical_axes", "param_counts", "lm_head_logits", "positions_from_mask"]
 
 
 class ModelOutput(NamedTuple):
@@ -47,26 +47,55 @@ def abstract_params(cfg: ModelConfig) -> dict[str, Any]:
   return nn.meta.unbox(_abstract_variables(cfg)["params"])
 
 
+def _canonical_leaves(cfg: ModelConfig, shapes) -> list[tuple[tuple[str, ...], Any, tuple]]:
+  """(per-layer path, leaf of `shapes`, row index) of every parameter tensor of one layer or of
+  the embedding, norms and LM head. Layer l's tensors are named as if unstacked, `layers_{l}/...`,
+  and sit at row l // p of the stacked leaf params["layers"][f"layer_{l % p}"]/..."""
+  period = cfg.layer_period
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+    keys = tuple(k.key for k in path)
+    if keys[0] != "layers":
+      out.append((keys, leaf, ()))
+      continue
+    j = int(keys[1].removeprefix("layer_"))
+    for group in range(cfg.num_layer_groups):
+      out.append(((f"layers_{group * period + j}",) + keys[2:], leaf, (group,)))
+  return out
+
+
 def init(cfg: ModelConfig, key: jax.Array, shardings=None) -> dict[str, Any]:
   """Random parameters as a plain pytree: normal(0, initializer_range) matrices, ones for norms.
 
   Shapes come from the modules (jax.eval_shape). The numbers are drawn on the host with numpy
-  (PCG64 seeded from `key`): nothing is compiled, and the result is the same on every backend
-  and process. `shardings` (a matching pytree of jax Shardings) places each leaf as it is made.
+  (PCG64 seeded from `key`), tensor by tensor in the sorted order of their per-layer names
+  (`layers_{l}/attn/qkv`, ...): nothing is compiled, the result is the same on every backend and
+  process, and a layer's values do not depend on how the layers are grouped for the scan.
+  `shardings` (a matching pytree of jax Shardings) places each leaf as it is made.
   """
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract_params(cfg))
-  placements = (jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-                if shardings is not None else [None] * len(leaves))
+  shapes = abstract_params(cfg)
+  values = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), shapes)
+  value_leaves = jax.tree.leaves(values)
+  slots = {id(leaf): array for leaf, array in zip(jax.tree.leaves(shapes), value_leaves)}
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-  out = []
-  for (path, leaf), placement in zip(leaves, placements):
-    if jax.tree_util.keystr(path).endswith("['scale']"):
-      value = np.ones(leaf.shape, np.float32)
+  for name, leaf, row in sorted(_canonical_leaves(cfg, shapes), key=lambda item: item[0]):
+    shape = leaf.shape[len(row):]
+    if name[-1] == "scale":
+      value = np.ones(shape, np.float32)
     else:
-      value = rng.standard_normal(leaf.shape, np.float32) * np.float32(cfg.initializer_range)
-    value = value.astype(leaf.dtype)
-    out.append(jax.device_put(value, placement) if placement is not None else jnp.asarray(value))
-  return jax.tree.unflatten(treedef, out)
+      value = rng.standard_normal(shape, np.float32) * np.float32(cfg.initializer_range)
+    slots[id(leaf)][row] = value.astype(leaf.dtype)
+  if shardings is None:
+    return jax.tree.map(jnp.asarray, values)
+  return jax.tree.map(jax.device_put, values, shardings)
+
+
+def layer_params(cfg: ModelConfig, params, layer: int) -> dict[str, Any]:
+  """The parameters of decoder layer `layer` (global index), unstacked from params["layers"]."""
+  if not 0 <= layer < cfg.num_hidden_layers:
+    raise ValueError(f"layer={layer}: the model has {cfg.num_hidden_layers} layers")
+  group, j = divmod(layer, cfg.layer_period)
+  return jax.tree.map(lambda x: x[group], params["layers"][f"layer_{j}"])
 
 
 def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
@@ -114,13 +143,14 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
             "final_norm": size(shapes["final_norm"])}
   per_expert = 3 * cfg.hidden_size * cfg.intermediate_size
   active = counts["final_norm"]
-  for i in range(cfg.num_hidden_layers):
-    layer = shapes[f"layers_{i}"]
-    moe = size(layer["moe"])
-    rest = size(layer) - moe
-    counts["lightning_layers" if cfg.is_lightning[i] else "softmax_layers"] += rest
-    counts["moe"] += moe
-    active += rest + moe - (cfg.num_local_experts - cfg.num_experts_per_tok) * per_expert
+  groups = cfg.num_layer_groups
+  for j, is_lightning in enumerate(cfg.is_lightning[:cfg.layer_period]):
+    layer = shapes["layers"][f"layer_{j}"]
+    moe = size(layer["moe"]) // groups
+    rest = size(layer) // groups - moe
+    counts["lightning_layers" if is_lightning else "softmax_layers"] += groups * rest
+    counts["moe"] += groups * moe
+    active += groups * (rest + moe - (cfg.num_local_experts - cfg.num_experts_per_tok) * per_expert)
   counts["total"] = size(shapes)
   counts["active_per_token"] = active
   counts["active_with_lm_head"] = active + counts["lm_head"]

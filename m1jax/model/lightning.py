@@ -9,25 +9,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from m1jax.config import ModelConfig
 from m1jax.model import common
 from m1jax.model.norms import RMSNorm
-from m1jax.ops import lightning as lightning_ops
+
+
+def decay_slopes(num_heads: int, layer_idx: int, num_layers: int,
+                 convention: str = "original") -> jax.Array:
+  """slope_h = 2^(-8(h+1)/H) * (1 - l/(L-1) + 1e-5) for GLOBAL layer index l; [H] float32.
+
+  convention "transformers" uses the denominator L - 1 + 1e-5. A single-layer model uses factor 1.
+  """
+  base = 2.0 ** (-8.0 * (jnp.arange(num_heads, dtype=jnp.float32) + 1) / num_heads)
+  if convention == "transformers":
+    denominator = num_layers - 1 + 1e-5
+  elif convention == "original":
+    denominator = max(num_layers - 1, 1)
+  else:
+    raise ValueError(f"slope convention {convention!r}; choose 'original' or 'transformers'")
+  return base * (1.0 - layer_idx / denominator + 1e-5)
+
+
+def layer_slopes(cfg: ModelConfig) -> jax.Array:
+  """decay_slopes of every layer (softmax layers included, unused there): [L, H] float32."""
+  return jnp.stack([decay_slopes(cfg.num_attention_heads, layer, cfg.num_hidden_layers,
+                                 cfg.slope_convention)
+                    for layer in range(cfg.num_hidden_layers)])
+
+
+def _interpret() -> bool:
+  """Pallas kernels run compiled on a GPU and in the interpreter elsewhere (CPU tests)."""
+  return jax.default_backend() != "gpu"
 
 
 class LightningAttention(nn.Module):
-  """MiniMax lightning attention (no biases, no RoPE, no 1/sqrt(d), no normaliser).
-
-  `layer_idx` is the GLOBAL layer index (softmax layers counted): it sets the decay slopes.
-  """
+  """MiniMax lightning attention (no biases, no RoPE, no 1/sqrt(d), no normaliser)."""
 
   cfg: ModelConfig
-  layer_idx: int
 
   @nn.compact
-  def __call__(self, h: jax.Array, token_mask: jax.Array | None = None,
+  def __call__(self, h: jax.Array, slope: jax.Array, token_mask: jax.Array | None = None,
                state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """h [B, T, E]; token_mask [B, T] bool (False: padding); state [B, H, D, D] f32 or None.
+    """h [B, T, E]; slope [H] (this layer's decay_slopes); token_mask [B, T] bool (False:
+    padding); state [B, H, D, D] f32 or None.
 
     Returns (out [B, T, E], final state [B, H, D, D] f32). Padding positions get zero q, k, v,
     so left padding leaves the state untouched.
@@ -48,15 +73,15 @@ class LightningAttention(nn.Module):
       qkv = qkv * token_mask[:, :, None, None].astype(qkv.dtype)
     qkv = common.constrain(qkv, (common.BATCH, common.LENGTH, common.HEADS, None))
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    slope = lightning_ops.decay_slopes(nh, self.layer_idx, cfg.num_hidden_layers,
-                                       cfg.slope_convention)
     if h.shape[1] == 1 and state is not None:  # Decode: one token on a carried state.
-      o, state = lightning_ops.lightning_decode(q[:, 0], k[:, 0], v[:, 0], slope, state,
-                                                impl=cfg.lightning_impl)
+      o, state = pallas_kernels.lightning_attention_decode(
+          q[:, 0], k[:, 0], v[:, 0], slope, state, impl=cfg.lightning_impl,
+          interpret=_interpret())
       o = o[:, None]
     else:
-      o, state = lightning_ops.lightning_attention(q, k, v, slope, state, impl=cfg.lightning_impl,
-                                                   block_size=cfg.block_size)
+      o, state = pallas_kernels.lightning_attention(
+          q, k, v, slope, state, impl=cfg.lightning_impl, config=cfg.lightning_kernel,
+          interpret=_interpret(), block_size=cfg.block_size)
     o = RMSNorm(cfg.lightning_norm_eps, ("heads", "head_dim"), pdtype, name="norm")(o.astype(dtype))
     gate = jax.nn.sigmoid(common.matmul("bte,ehd->bthd", h, w_gate, dtype))
     out = common.matmul("bthd,hde->bte", o * gate, w_out, dtype)

@@ -1,6 +1,9 @@
 """The MiniMax decoder.
 
-Embedding, post-norm hybrid layers (lightning / softmax attention + MoE), LM head.
+Embedding, post-norm hybrid layers (lightning / softmax attention + MoE), LM head. The layers are
+scanned (`nn.scan`) over groups of one period of the layout (`ModelConfig.layer_period`: 8 for
+7 lightning + 1 softmax), so compile time does not grow with depth. Layer l lives in
+params["layers"][f"layer_{l % p}"] at row l // p of every leaf (`model.layer_params`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 from m1jax.config import ModelConfig
 from m1jax.model import common
 from m1jax.model.attention import SoftmaxAttention
-from m1jax.model.lightning import LightningAttention
+from m1jax.model.lightning import LightningAttention, layer_slopes
 from m1jax.model.moe import MoE
 from m1jax.model.norms import RMSNorm
 
@@ -51,17 +54,16 @@ class DecoderLayer(nn.Module):
   """
 
   cfg: ModelConfig
-  layer_idx: int
+  is_lightning: bool
 
   @nn.compact
-  def __call__(self, x, positions, token_mask, lightning_state=None, kv_cache=None):
+  def __call__(self, x, positions, token_mask, slope, lightning_state=None, kv_cache=None):
     cfg = self.cfg
-    is_lightning = cfg.is_lightning[self.layer_idx]
     pdtype = cfg.jnp_param_dtype
     h = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="input_norm")(x)
-    if is_lightning:
-      attn_out, layer_cache = LightningAttention(cfg, self.layer_idx, name="attn")(
-          h, token_mask, lightning_state)
+    if self.is_lightning:
+      attn_out, layer_cache = LightningAttention(cfg, name="attn")(h, slope, token_mask,
+                                                                  lightning_state)
       alpha, beta = cfg.layernorm_linear_attention_alpha, cfg.layernorm_linear_attention_beta
     else:
       attn_out, layer_cache = SoftmaxAttention(cfg, name="attn")(h, positions, token_mask, kv_cache)
@@ -80,8 +82,52 @@ _REMAT_POLICIES = {
 }
 
 
+class LayerGroup(nn.Module):
+  """One period of the layout: cfg.layer_period decoder layers, the body of the layer scan.
+
+  carry: (x [B, T, E], lightning_states [L_lightning, B, H, D, D] or None, keys, values
+  [L_softmax, B, S, KV, D] or None); xs: (group index int32 [], slopes [p, H]). Cache rows of
+  group g are g * (layers of that kind per group) + their rank within the group.
+  """
+
+  cfg: ModelConfig
+  return_hidden_states: bool = False
+
+  @nn.compact
+  def __call__(self, carry, xs, positions, token_mask, slot_mask, index):
+    cfg = self.cfg
+    x, states, keys, values = carry
+    group, slopes = xs
+    kinds = cfg.is_lightning[:cfg.layer_period]
+    per_group = {True: sum(kinds), False: len(kinds) - sum(kinds)}
+    layer_cls = DecoderLayer
+    if cfg.remat_policy != "none":
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy])
+    all_stats, hidden = [], []
+    rank = {True: 0, False: 0}
+    for j, is_lightning in enumerate(kinds):
+      layer = layer_cls(cfg, is_lightning, name=f"layer_{j}")
+      row = group * per_group[is_lightning] + rank[is_lightning]
+      rank[is_lightning] += 1
+      if is_lightning:
+        state = None if states is None else states[row]
+        x, state, stats = layer(x, positions, token_mask, slopes[j], state, None)
+        if states is not None:
+          states = jax.lax.dynamic_update_index_in_dim(states, state, row, axis=0)
+      else:
+        kv = None if keys is None else (keys, values, row, slot_mask, index)
+        x, new_kv, stats = layer(x, positions, token_mask, slopes[j], None, kv)
+        if keys is not None:
+          keys, values = new_kv
+      all_stats.append(stats)
+      if self.return_hidden_states:
+        hidden.append(x)
+    stats = jax.tree.map(lambda *s: jnp.stack(s), *all_stats)
+    return (x, states, keys, values), (stats, jnp.stack(hidden) if hidden else None)
+
+
 class Transformer(nn.Module):
-  """Embedding -> layers -> final RMSNorm -> untied LM head (in cfg.lm_head_dtype)."""
+  """Embedding -> scanned layer groups -> final RMSNorm -> untied LM head (cfg.lm_head_dtype)."""
 
   cfg: ModelConfig
 
@@ -90,54 +136,44 @@ class Transformer(nn.Module):
                compute_logits: bool = True, return_hidden_states: bool = False) -> dict[str, Any]:
     cfg = self.cfg
     dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
+    groups, period = cfg.num_layer_groups, cfg.layer_period
     embedding = common.param(self, "embed", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                              cfg.initializer_range, pdtype)
     x = jnp.take(embedding, tokens, axis=0).astype(dtype)
     x = common.constrain(x, (common.BATCH, common.LENGTH, common.EMBED))
 
-    layer_cls = DecoderLayer
-    if cfg.remat_policy != "none":
-      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy])
-
     slot_mask = None
+    carry = (x, None, None, None)
     if cache is not None:
       new_mask = (jnp.ones(tokens.shape, bool) if token_mask is None else token_mask)
       slot_mask = jax.lax.dynamic_update_slice(cache.slot_mask, new_mask, (0, cache.index))
-    keys = values = None
-    if cache is not None:
-      keys, values = cache.keys, cache.values
-    lightning_states, all_stats, hidden_states = [], [], []
-    i_lightning = i_softmax = 0
-    for layer_idx in range(cfg.num_hidden_layers):
-      layer = layer_cls(cfg, layer_idx, name=f"layers_{layer_idx}")
-      if cfg.is_lightning[layer_idx]:
-        state = None if cache is None else cache.lightning_states[i_lightning]
-        x, state, stats = layer(x, positions, token_mask, state, None)
-        lightning_states.append(state)
-        i_lightning += 1
-      else:
-        kv = None if cache is None else (keys, values, i_softmax, slot_mask, cache.index)
-        x, new_kv, stats = layer(x, positions, token_mask, None, kv)
-        if cache is not None:
-          keys, values = new_kv
-        i_softmax += 1
-      all_stats.append(stats)
-      if return_hidden_states:
-        hidden_states.append(x)
+      carry = (x, cache.lightning_states if cfg.num_lightning_layers else None,
+               cache.keys if cfg.num_softmax_layers else None,
+               cache.values if cfg.num_softmax_layers else None)
+    index = None if cache is None else cache.index
+    scan = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                   length=groups, metadata_params={nn.PARTITION_NAME: "layers"})
+    slopes = layer_slopes(cfg).reshape(groups, period, cfg.num_attention_heads)
+    (x, states, keys, values), (stats, hidden) = scan(
+        cfg, return_hidden_states, name="layers")(
+            carry, (jnp.arange(groups, dtype=jnp.int32), slopes), positions, token_mask,
+            slot_mask, index)
 
     x = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="final_norm")(x)
     lm_head = common.param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                            cfg.initializer_range, pdtype)
-    out = {"hidden": x, "router_stats": jax.tree.map(lambda *s: jnp.stack(s), *all_stats)}
+    by_layer = lambda a: a.reshape((groups * period,) + a.shape[2:])  # [G, p, ...] -> [L, ...]
+    out = {"hidden": x, "router_stats": jax.tree.map(by_layer, stats)}
     if compute_logits:
       out["logits"] = lm_head_logits(cfg, x, lm_head)
     if return_hidden_states:
-      out["hidden_states"] = tuple(hidden_states)
+      out["hidden_states"] = tuple(by_layer(hidden))
     if cache is not None:
       out["cache"] = DecodeCache(
-          lightning_states=(jnp.stack(lightning_states) if lightning_states
-                            else cache.lightning_states),
-          keys=keys, values=values, slot_mask=slot_mask,
+          lightning_states=cache.lightning_states if states is None else states,
+          keys=cache.keys if keys is None else keys,
+          values=cache.values if values is None else values, slot_mask=slot_mask,
           index=cache.index + tokens.shape[1])
     return out
 

@@ -1,5 +1,7 @@
-"""Training: optimizer, train state, checkpoints (orbax), metrics writers, the SFT stage, and the
-driver that runs the stages a config asks for (m1jax.train.driver.run_from_config).
+"""Training: the config schema and its checks (schema), what a run derives from its config
+(context), host <-> device data movement (transfer), the stage with the one loop skeleton
+(stage), optimizer, train state, orbax checkpoints, metrics, held-out evaluation, the SFT and RL
+loops (sft, rl) and the driver that runs the stages a config asks for (driver.run_from_config).
 
-Submodules are imported on use so that validating a config stays light (see experiments/train.py).
+Submodules are imported on use so that validating a config stays light (experiments/train.py).
 """

@@ -5,19 +5,18 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
 from absl import logging
 
-from m1jax.train import defaults, run
+from m1jax.train import context, metrics, rl, schema, sft, stage
 
 
 def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs config.mode ("sft", "rl", "sft_rl") in `workdir` (resuming what is there); returns a
   summary dict (also written to workdir/summary.json)."""
-  from m1jax.rl import trainer as rl_trainer  # pylint: disable=g-import-not-at-top
-  from m1jax.train import sft  # pylint: disable=g-import-not-at-top
-  defaults.validate(config)
-  ctx = run.build_context(config, workdir)
+  schema.validate(config)
+  ctx = context.build_context(config, workdir)
   os.makedirs(workdir, exist_ok=True)
   if ctx.is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -29,12 +28,12 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["sft"] = _stage_summary(sft_stage.dir)
   if config.mode in ("rl", "sft_rl"):
     if config.rl.init_from:
-      init_params = lambda shardings: _params_from(ctx, config.rl.init_from)
+      init_params = lambda shardings: _init_from(ctx, config.rl.init_from)
     elif sft_stage is not None:
       init_params = lambda shardings: sft_stage.final_params()
     else:
-      init_params = lambda shardings: run.initial_params(ctx, shardings)
-    rl_stage = rl_trainer.train(ctx, init_params)
+      init_params = lambda shardings: context.initial_params(ctx, shardings)
+    rl_stage = rl.train(ctx, init_params)
     summary["rl"] = _stage_summary(rl_stage.dir)
   if ctx.is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -42,20 +41,37 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return summary
 
 
-def _params_from(ctx: run.Context, stage_dir: str):
-  """Final params of another run's stage directory (e.g. a previous SFT run's workdir/sft)."""
-  from m1jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  optimizer = optimizer_lib.make_optimizer(ctx.config.sft.optimizer, ctx.config.sft.steps)
-  stage = run.Stage(ctx, "sft", ctx.config.sft.steps, optimizer, ctx.config.sft,
-                    directory=stage_dir)
-  if stage.checkpointer.latest_step() is None:
-    raise ValueError(f"config.rl.init_from={stage_dir!r}: no checkpoint found there")
-  return stage.final_params()
+def _init_from(ctx: context.Context, stage_dir: str):
+  """Final params of another run's SFT stage directory (config.rl.init_from)."""
+  try:
+    return stage.restore_params(ctx, stage_dir, ctx.config.sft)
+  except ValueError as e:
+    raise ValueError(f"config.rl.init_from={stage_dir!r}: {e}") from None
+
+
+def stage_params(stage_dir: str):
+  """(ModelConfig, final params on one device) of a training stage `<workdir>/sft` or
+  `<workdir>/rl`, from the run's `<workdir>/config.json` and the stage's latest checkpoint."""
+  stage_dir = os.path.abspath(stage_dir)
+  workdir, name = os.path.split(stage_dir)
+  if name not in ("sft", "rl"):
+    raise ValueError(f"{stage_dir!r}: expected a stage directory <workdir>/sft or <workdir>/rl")
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.exists(config_path):
+    raise ValueError(f"{stage_dir!r}: no {config_path} (written by experiments/train.py)")
+  with open(config_path) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  ctx = context.build_context(config, workdir)
+  try:
+    params = stage.restore_params(ctx, stage_dir, config[name])
+  except ValueError as e:
+    raise ValueError(f"{stage_dir!r}: {e}") from None
+  return ctx.model_cfg, jax.device_put(params, jax.devices()[0])
 
 
 def _stage_summary(stage_dir: str) -> dict:
   """First and last held-out evaluation of a stage, from its metrics.jsonl."""
-  from m1jax.train import metrics  # pylint: disable=g-import-not-at-top
   records = metrics.read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
   records = [r for r in records if "eval/reward" in r]
   if not records:
@@ -71,14 +87,14 @@ def _stage_summary(stage_dir: str) -> dict:
 def format_summary(summary: dict) -> str:
   """A few lines for the terminal: held-out reward before/after each stage and where outputs are."""
   lines = [f"run directory: {summary['workdir']}"]
-  for stage in ("sft", "rl"):
-    s = summary.get(stage)
+  for name in ("sft", "rl"):
+    s = summary.get(name)
     if not s:
       continue
     start, end = s.get("eval/reward@start"), s.get("eval/reward@end")
     acc_start, acc_end = s.get("eval/accuracy@start"), s.get("eval/accuracy@end")
     lines.append(
-        f"{stage}: held-out reward {start:.3f} -> {end:.3f} ({end - start:+.3f}), accuracy "
+        f"{name}: held-out reward {start:.3f} -> {end:.3f} ({end - start:+.3f}), accuracy "
         f"{acc_start:.3f} -> {acc_end:.3f}, steps {s['first_step']}..{s['last_step']}, "
-        f"{s.get('time_s') or 0:.0f} s; curves: {summary['workdir']}/{stage}/metrics.png")
+        f"{s.get('time_s') or 0:.0f} s; curves: {summary['workdir']}/{name}/metrics.png")
   return "\n".join(lines)

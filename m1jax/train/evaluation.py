@@ -1,4 +1,4 @@
-"""Held-out evaluation: greedy generation on eval prompts, scored by the task's reward."""
+"""Scoring sampled responses, and held-out evaluation: greedy generation on eval prompts."""
 
 from __future__ import annotations
 
@@ -6,10 +6,21 @@ import numpy as np
 
 from m1jax import generate
 from m1jax.data import pipeline
-from m1jax.train import run
+from m1jax.rl import rewards
+from m1jax.train.context import Context
+from m1jax.train.transfer import to_global, to_host
 
 
-def evaluate(ctx: run.Context, params, examples: list, max_prompt_len: int) -> dict[str, float]:
+def score(ctx: Context, tokens: np.ndarray, examples, lengths: np.ndarray):
+  """Decodes responses once -> (combined reward [B] float32, task reward (correctness) [B])."""
+  scores = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples, lengths=lengths)
+  task_reward = rewards.get_reward_fn("task")
+  correct = np.asarray([task_reward(text, example)
+                        for text, example in zip(scores.texts, examples)], np.float32)
+  return scores.rewards, correct
+
+
+def evaluate(ctx: Context, params, examples: list, max_prompt_len: int) -> dict[str, float]:
   """eval/reward: mean combined reward; eval/accuracy: mean task reward (correctness) — over the
   held-out examples, greedy decoding; eval/length: mean response length."""
   cfg = ctx.config.eval
@@ -20,12 +31,11 @@ def evaluate(ctx: run.Context, params, examples: list, max_prompt_len: int) -> d
   totals = {"reward": [], "accuracy": [], "length": []}
   for batch in pipeline.eval_prompt_batches(examples, ctx.tokenizer, batch_size=batch_size,
                                             max_prompt_len=max_prompt_len):
-    out = generate.generate(ctx.model_cfg, params, run.to_global(batch.tokens, ctx.mesh), gen_cfg,
-                            prompt_mask=run.to_global(batch.mask, ctx.mesh))
-    tokens, lengths = run.to_host(out.tokens), run.to_host(out.lengths)
+    out = generate.generate(ctx.model_cfg, params, to_global(batch.tokens, ctx.mesh), gen_cfg,
+                            prompt_mask=to_global(batch.mask, ctx.mesh))
+    tokens, lengths = to_host(out.tokens), to_host(out.lengths)
     valid = np.asarray(batch.valid)
-    examples_b = list(batch.examples)
-    reward, correct = run.score(ctx, tokens, examples_b, lengths)
+    reward, correct = score(ctx, tokens, list(batch.examples), lengths)
     totals["reward"].append(reward[valid])
     totals["accuracy"].append(correct[valid])
     totals["length"].append(lengths[valid])

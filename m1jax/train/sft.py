@@ -12,8 +12,9 @@ from m1jax import model
 from m1jax.config import ModelConfig
 from m1jax.data import pipeline
 from m1jax.generate import sampling
-from m1jax.train import evaluation, optimizer as optimizer_lib, run
-from m1jax.train.state import TrainState
+from m1jax.train import context, evaluation, optimizer as optimizer_lib, state as state_lib
+from m1jax.train.stage import Stage
+from m1jax.train.transfer import to_global
 
 
 def sft_loss(cfg: ModelConfig, params, tokens: jax.Array, loss_mask: jax.Array):
@@ -28,66 +29,45 @@ def sft_loss(cfg: ModelConfig, params, tokens: jax.Array, loss_mask: jax.Array):
   return loss, {"loss": loss, "nll": nll, "aux_loss": out.aux_loss, "tokens": jnp.sum(mask)}
 
 
-def sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: TrainState,
+def sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: state_lib.TrainState,
              tokens: jax.Array, loss_mask: jax.Array):
   """One pure optimizer step -> (state, metrics). Non-finite updates are skipped (see optimizer)."""
   (_, metrics), grads = jax.value_and_grad(sft_loss, argnums=1, has_aux=True)(
       cfg, state.params, tokens, loss_mask)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["skipped"] = (opt_state.notfinite_count > 0).astype(jnp.float32)
-  return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                    opt_state=opt_state), metrics
+  return state_lib.apply_gradients(optimizer, state, grads, metrics)
 
 
 PANELS = {"loss": ("nll",), "held-out accuracy": ("eval/accuracy", "eval/reward"),
           "gradient": ("grad_norm",)}
 
 
-def train(ctx: run.Context) -> run.Stage:
+def train(ctx: context.Context) -> Stage:
   """Runs (or resumes) the SFT stage in workdir/sft; returns the finished stage."""
   cfg = ctx.config.sft
   optimizer = optimizer_lib.make_optimizer(cfg.optimizer, cfg.steps)
-  stage = run.Stage(ctx, "sft", cfg.steps, optimizer, cfg)
+  stage = Stage(ctx, "sft", cfg.steps, optimizer, cfg)
   if stage.finished():
     return stage
-  dataset = pipeline.sft_dataset(run.source(ctx, "train"), ctx.tokenizer,
+  dataset = pipeline.sft_dataset(context.source(ctx, "train"), ctx.tokenizer,
                                  batch_size=cfg.batch_size, max_len=cfg.max_len,
                                  seed=ctx.config.seed)
   data_iter = iter(dataset)
-  state, data_state = stage.restore_or_create(
-      lambda: run.initial_params(ctx, stage.shardings.params))
-  if data_state is not None:
-    data_iter.set_state(data_state)
-  step_fn = jax.jit(functools.partial(sft_step, ctx.model_cfg, optimizer),
-                    in_shardings=(stage.shardings, None, None),
-                    out_shardings=(stage.shardings, None),
-                    donate_argnums=0)
-  eval_set = run.eval_examples(ctx)
-  eval_prompt_len = ctx.config.rl.max_prompt_len
-  stage.open()
+  state = stage.restore_or_create(
+      lambda: context.initial_params(ctx, stage.shardings.params), data_iter)
+  update = jax.jit(functools.partial(sft_step, ctx.model_cfg, optimizer),
+                   in_shardings=(stage.shardings, None, None),
+                   out_shardings=(stage.shardings, None),
+                   donate_argnums=0)
+  eval_set = context.eval_examples(ctx)
 
-  boundary = {"step": stage.start_step, "data": data_iter.get_state()}  # last completed step
+  def step_fn(state, step):
+    del step
+    batch = next(data_iter)
+    state, metrics = update(state, to_global(batch.tokens, ctx.mesh),
+                            to_global(batch.loss_mask, ctx.mesh))
+    return state, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
-  def loop():
-    nonlocal state
-    step = stage.start_step
-    if step == 0:
-      stage.log(0, evaluation.evaluate(ctx, state.params, eval_set, eval_prompt_len))
-    while step < cfg.steps:
-      batch = next(data_iter)
-      state, metrics = step_fn(state, run.to_global(batch.tokens, ctx.mesh),
-                               run.to_global(batch.loss_mask, ctx.mesh))
-      step += 1
-      boundary.update(step=step, data=data_iter.get_state())
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
-        metrics.update(evaluation.evaluate(ctx, state.params, eval_set, eval_prompt_len))
-      stage.log(step, metrics, postfix={"nll": metrics["nll"]})
-      stage.check_finite(step, state, data_iter.get_state())
-      stage.save(step, state, data_iter.get_state(), force=step == cfg.steps)
-
-  run.interruptible(
-      loop, lambda: stage.save_if_consistent(state, boundary["step"], boundary["data"]))
-  stage.close(PANELS)
+  stage.run(state, data_iter, step_fn, panels=PANELS, postfix=("nll",),
+            evaluate=lambda params: evaluation.evaluate(ctx, params, eval_set,
+                                                        ctx.config.rl.max_prompt_len))
   return stage

@@ -1,4 +1,5 @@
-"""Train state and its placement on a mesh."""
+"""Train state, the optimizer step every train step ends with, and the state's placement on a
+mesh."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ class TrainState:
 
 def create(params, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, grads,
+                    metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+  """The optimizer step every train step ends with: updates `state` by `grads` and adds
+  grad_norm (before clipping) and skipped (1 when optax.apply_if_finite skipped the update)."""
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                 skipped=(opt_state.notfinite_count > 0).astype(jnp.float32))
+  return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                    opt_state=opt_state), metrics
 
 
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh) -> TrainState:

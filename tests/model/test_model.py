@@ -7,6 +7,7 @@ import pytest
 
 from m1jax import config, model, sharding
 from m1jax.model import moe
+from m1jax.model.lightning import decay_slopes
 
 # float32 everywhere below; implementations differ only in summation order.
 TOL = 1e-5
@@ -142,7 +143,7 @@ def test_dtypes(tiny):
 def test_456b_preset_counts_without_allocating():
   cfg = config.preset("minimax-m1-456b")
   counts = model.param_counts(cfg)
-  assert counts["total"] == 456_089_655_296  # 456.09B (minimax_m1_facts.md)
+  assert counts["total"] == 456_089_655_296  # 456.09B (docs/paper.md)
   assert counts["active_per_token"] == 45_944_920_064  # 45.94B excluding embedding and LM head
   assert counts["active_with_lm_head"] == 47_174_113_280  # 47.17B
   assert counts["total"] * 2 == 912_179_310_592  # bf16 bytes; the published file adds decay buffers
@@ -189,3 +190,19 @@ def test_make_mesh_validation():
   with pytest.raises(ValueError, match="needs 6 devices"):
     sharding.make_mesh({"fsdp": 2, "tensor": 3}, jax.devices()[:8])
   assert sharding.make_mesh({"tensor": 2, "fsdp": -1}, jax.devices()[:8]).shape["fsdp"] == 4
+
+
+def test_decay_slopes_match_the_formula():
+  h, num_layers = 8, 10
+  for layer in (0, 4, 9):
+    expected_original = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1) + 1e-5)
+                         for i in range(h)]
+    expected_hf = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1 + 1e-5) + 1e-5)
+                   for i in range(h)]
+    np.testing.assert_allclose(decay_slopes(h, layer, num_layers), expected_original, rtol=1e-6)
+    np.testing.assert_allclose(decay_slopes(h, layer, num_layers, "transformers"), expected_hf,
+                               rtol=1e-6)
+  # Released model: layer 0 decays span [0.400, 0.9961] (docs/paper.md).
+  decays = np.exp(-np.asarray(decay_slopes(64, 0, 80)))
+  assert (decays.min() == pytest.approx(0.400, abs=1e-3)
+          and decays.max() == pytest.approx(0.9961, abs=1e-4))

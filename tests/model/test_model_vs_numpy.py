@@ -39,7 +39,7 @@ def reference_logits(cfg, params, tokens):
   t = len(tokens)
   x = p["embed"][tokens]
   for layer in range(cfg.num_hidden_layers):
-    lp = p[f"layers_{layer}"]
+    lp = model.layer_params(cfg, p, layer)
     h = _rms(x, lp["input_norm"]["scale"], cfg.rms_norm_eps)
     a = lp["attn"]
     if cfg.is_lightning[layer]:

@@ -3,13 +3,13 @@ r"""A training config small enough for tests: a 2-layer (lightning + softmax) mo
   python -m experiments.train --config=tests/train/micro_config.py --workdir=/tmp/micro
 """
 
-from m1jax.train import defaults
+from m1jax.train import schema
 
 
 def get_config():
-  c = defaults.base_config()
+  c = schema.base_config()
   c.mode = "rl"
-  c.model = defaults.model_fields("tiny", vocab_size=264, hidden_size=32, intermediate_size=32,
+  c.model = schema.model_fields("tiny", vocab_size=264, hidden_size=32, intermediate_size=32,
                                   num_hidden_layers=2, attn_type_list=(0, 1), block_size=8)
   c.task.eval_size = 16
   c.reward.task = 1.0

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 from m1jax import model, sharding
-from m1jax.rl import losses, rewards, trainer as rl_trainer
-from m1jax.train import defaults, driver, optimizer as optimizer_lib, run
+from m1jax.rl import losses, rewards
+from m1jax.train import context, driver, optimizer as optimizer_lib, rl as rl_trainer, schema
+from m1jax.train import stage as stage_lib
 from m1jax.train import state as state_lib
+from m1jax.train.transfer import to_global
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -78,7 +80,7 @@ def test_base_and_shipped_configs_validate():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    defaults.validate(config)
+    schema.validate(config)
     assert "python -m experiments.train --config=" + name in module.__doc__, name
 
 
@@ -102,7 +104,7 @@ def test_rl_resume_after_interrupt_matches_straight_run(tmp_path, monkeypatch):
   assert len({r["reward"] for r in straight if "reward" in r}) > 1  # a non-trivial run
   assert any(r["grad_norm"] > 0 for r in straight if "grad_norm" in r)
 
-  original_log = run.Stage.log
+  original_log = stage_lib.Stage.log
 
   def log_then_interrupt(self, step, metrics, postfix=()):
     original_log(self, step, metrics, postfix)
@@ -110,7 +112,7 @@ def test_rl_resume_after_interrupt_matches_straight_run(tmp_path, monkeypatch):
       raise KeyboardInterrupt  # as Ctrl-C would, after step 3's metrics are written
 
   with monkeypatch.context() as m:
-    m.setattr(run.Stage, "log", log_then_interrupt)
+    m.setattr(stage_lib.Stage, "log", log_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
       driver.run_from_config(config, str(tmp_path / "resumed"))
   assert max(r["step"] for r in _records(tmp_path / "resumed", "rl")) == 3
@@ -128,7 +130,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, monke
   config.reward.test_digit_share = 1.0
   monkeypatch.setattr(rl_trainer, "compute_advantages",
                       lambda kind, r, g, n: np.full(r.shape, np.nan, np.float32))
-  with pytest.raises(run.NonFiniteError, match="2 consecutive steps had a non-finite"):
+  with pytest.raises(stage_lib.NonFiniteError, match="2 consecutive steps had a non-finite"):
     driver.run_from_config(config, str(tmp_path))
   records = _records(tmp_path, "rl")
   # Step 1 (2 updates, both skipped), then the stop.
@@ -139,7 +141,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_a_checkpoint(tmp_path, monke
 
 def test_rl_update_on_8_devices_equals_one_device():
   config = _micro()
-  ctx = run.build_context(config, "/unused")
+  ctx = context.build_context(config, "/unused")
   cfg = ctx.model_cfg
   loss_cfg = losses.LossConfig(kind="cispo")
   opt = optimizer_lib.make_optimizer(config.rl.optimizer, 10)
@@ -158,7 +160,7 @@ def test_rl_update_on_8_devices_equals_one_device():
     step = jax.jit(lambda s, b: rl_trainer.rl_update(cfg, loss_cfg, 1.0, opt, s, b),
                    in_shardings=(shardings, None))
     with sharding.activate(mesh):
-      batch_d = jax.tree.map(lambda x: run.to_global(np.asarray(x), mesh), batch)
+      batch_d = jax.tree.map(lambda x: to_global(np.asarray(x), mesh), batch)
       _, metrics = step(state, batch_d)
     return jax.device_get(metrics)
 
@@ -187,3 +189,70 @@ def test_two_process_run_on_localhost(tmp_path):
     assert p.returncode == 0, out[-3000:]
   steps = [r["step"] for r in _records(tmp_path, "sft")]
   assert steps == [0, 1, 2]
+
+
+def test_stage_params_round_trip(tmp_path):
+  train_config = schema.base_config()
+  ctx = context.build_context(train_config, str(tmp_path))
+  optimizer = optimizer_lib.make_optimizer(train_config.sft.optimizer, train_config.sft.steps)
+  stage = stage_lib.Stage(ctx, "sft", train_config.sft.steps, optimizer, train_config.sft)
+  params = model.init(ctx.model_cfg, jax.random.key(3))
+  stage.save(train_config.sft.steps, state_lib.create(params, optimizer), {}, force=True)
+  stage.checkpointer.close()
+  (tmp_path / "config.json").write_text(train_config.to_json_best_effort())
+
+  cfg, loaded = driver.stage_params(str(tmp_path / "sft"))
+  assert cfg == ctx.model_cfg
+  # A checkpoint restores bit for bit.
+  jax.tree.map(np.testing.assert_array_equal, params, loaded)
+  with pytest.raises(ValueError, match="stage directory"):
+    driver.stage_params(str(tmp_path))
+
+
+def _fake_sampler(group_rewards):
+  """A sampler whose round n gives group_rewards[n] ([B][G] rewards); row r of round n carries
+  token 100 n + r, so the test can tell which rows were kept."""
+
+  def sample(params, round_index, key):
+    del params, key
+    rewards = np.asarray(group_rewards[round_index], np.float32).reshape(-1)
+    rows = rewards.size
+    ids = (100 * round_index + np.arange(rows))[:, None]
+    return rl_trainer.Rollouts(
+        tokens=ids, prompt_mask=np.ones((rows, 1), bool), completions=ids,
+        logprobs=np.zeros((rows, 1), np.float32), lengths=np.ones(rows, np.int32),
+        finish_reasons=np.ones(rows, np.int32), rewards=rewards, correct=rewards)
+
+  return sample
+
+
+def test_dynamic_sampling_refills_groups_from_new_prompts():
+  rl = _micro(**{"rl.prompts_per_step": 3, "rl.samples_per_prompt": 2,
+                 "rl.dynamic_sampling": True, "rl.max_sampling_rounds": 4}).rl
+  # Round 0 has one informative group (the second); round 1 has two (the first two).
+  sampler = _fake_sampler([[[1, 1], [0, 1], [0, 0]], [[0, 1], [1, 0], [1, 1]]])
+  got, weights, metrics = rl_trainer.collect(sampler, None, iter(range(10)),
+                                             jax.random.key(0), rl)
+  assert got.tokens[:, 0].tolist() == [2, 3, 100, 101, 102, 103]
+  np.testing.assert_array_equal(weights, np.ones(6))
+  assert metrics["sampling_rounds"] == 2 and metrics["filled_groups_frac"] == 1.0
+  assert metrics["reward"] == pytest.approx(0.5)  # of the first generation batch
+
+
+def test_dynamic_sampling_pads_with_zero_weight_filler_rows():
+  rl = _micro(**{"rl.prompts_per_step": 3, "rl.samples_per_prompt": 2,
+                 "rl.dynamic_sampling": True, "rl.max_sampling_rounds": 2}).rl
+  # Only one informative group in two rounds: the other two groups' rows are filler.
+  sampler = _fake_sampler([[[1, 1], [0, 1], [0, 0]], [[1, 1], [0, 0], [1, 1]]])
+  got, weights, metrics = rl_trainer.collect(sampler, None, iter(range(10)),
+                                             jax.random.key(0), rl)
+  assert got.tokens[:, 0].tolist() == [2, 3, 0, 1, 2, 3]  # filler: the first batch's first rows
+  np.testing.assert_array_equal(weights, [1, 1, 0, 0, 0, 0])
+  assert metrics["sampling_rounds"] == 2
+  assert metrics["filled_groups_frac"] == pytest.approx(2 / 6)
+  # Without dynamic sampling the first batch is used as it is.
+  rl.dynamic_sampling = False
+  got, weights, metrics = rl_trainer.collect(sampler, None, iter(range(10)),
+                                             jax.random.key(0), rl)
+  assert got.tokens[:, 0].tolist() == [0, 1, 2, 3, 4, 5] and weights.sum() == 6
+  assert metrics["sampling_rounds"] == 1

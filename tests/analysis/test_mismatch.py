@@ -145,26 +145,3 @@ def test_load_model_from_hf_dir(fp32_setup, tmp_path):
   assert loaded_cfg.dtype == "bfloat16" and loaded_cfg.num_hidden_layers == cfg.num_hidden_layers
   assert str(tmp_path) in description
   jax.tree.map(np.testing.assert_array_equal, params, loaded)
-
-
-def test_load_stage_params_round_trip(tmp_path):
-  from m1jax.train import defaults  # pylint: disable=g-import-not-at-top
-  from m1jax.train import optimizer as optimizer_lib  # pylint: disable=g-import-not-at-top
-  from m1jax.train import run  # pylint: disable=g-import-not-at-top
-  from m1jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-
-  train_config = defaults.base_config()
-  ctx = run.build_context(train_config, str(tmp_path))
-  optimizer = optimizer_lib.make_optimizer(train_config.sft.optimizer, train_config.sft.steps)
-  stage = run.Stage(ctx, "sft", train_config.sft.steps, optimizer, train_config.sft)
-  params = model.init(ctx.model_cfg, jax.random.key(3))
-  stage.save(train_config.sft.steps, state_lib.create(params, optimizer), {}, force=True)
-  stage.checkpointer.close()
-  (tmp_path / "config.json").write_text(train_config.to_json_best_effort())
-
-  cfg, loaded = mismatch.load_stage_params(str(tmp_path / "sft"))
-  assert cfg == ctx.model_cfg
-  # A checkpoint restores bit for bit.
-  jax.tree.map(np.testing.assert_array_equal, params, loaded)
-  with pytest.raises(ValueError, match="stage directory"):
-    mismatch.load_stage_params(str(tmp_path))

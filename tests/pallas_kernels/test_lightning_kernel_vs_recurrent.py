@@ -1,4 +1,4 @@
-"""Pallas lightning attention kernels vs the token-by-token recurrence (m1jax.ops.lightning).
+"""Pallas lightning attention kernels vs the token-by-token recurrence (pallas_kernels.lightning.reference).
 
 CPU tests run the kernels with interpret=True on small shapes; the tests marked `gpu` run the same
 checks compiled through Triton at D = 64 and 128. Errors are norm-wise, ||got - ref|| / ||ref||.
@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.ops import lightning as reference
+from pallas_kernels.lightning import reference
 from pallas_kernels import KernelConfig
 from pallas_kernels import lightning_attention
 from pallas_kernels import lightning_attention_decode
 
-kernel_module = importlib.import_module("pallas_kernels.lightning_attention")
+kernel_module = importlib.import_module("pallas_kernels.lightning.kernel")
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
 # Heads with a strong decay (lambda = 0.135), a moderate one and a near-1 one (0.9999).

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax.ops import lightning as ops
+from m1jax.model.lightning import decay_slopes
+from pallas_kernels import lightning_attention
+from pallas_kernels.lightning import reference as ops
 
 RTOL = 2e-5
 
@@ -18,7 +20,7 @@ def _inputs(seed, b, t, h, d, slope_scale=1.0):
   ks = jax.random.split(jax.random.key(seed), 4)
   q, k, v = (jax.random.normal(ks[i], (b, t, h, d), jnp.float32) for i in range(3))
   state = jax.random.normal(ks[3], (b, h, d, d), jnp.float32)
-  slope = ops.decay_slopes(h, 1, 4) * slope_scale
+  slope = decay_slopes(h, 1, 4) * slope_scale
   return q, k, v, slope, state
 
 
@@ -94,22 +96,6 @@ def test_decode_step_continues_a_prefill():
   assert _rel(o_last, o_ref[:, 11]) <= RTOL and _rel(s, s_ref) <= RTOL
 
 
-def test_decay_slopes_match_the_formula():
-  h, num_layers = 8, 10
-  for layer in (0, 4, 9):
-    expected_original = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1) + 1e-5)
-                         for i in range(h)]
-    expected_hf = [2 ** (-8 * (i + 1) / h) * (1 - layer / (num_layers - 1 + 1e-5) + 1e-5)
-                   for i in range(h)]
-    np.testing.assert_allclose(ops.decay_slopes(h, layer, num_layers), expected_original, rtol=1e-6)
-    np.testing.assert_allclose(ops.decay_slopes(h, layer, num_layers, "transformers"), expected_hf,
-                               rtol=1e-6)
-  # Released model: layer 0 decays span [0.400, 0.9961] (minimax_m1_facts.md).
-  decays = np.exp(-np.asarray(ops.decay_slopes(64, 0, 80)))
-  assert (decays.min() == pytest.approx(0.400, abs=1e-3)
-          and decays.max() == pytest.approx(0.9961, abs=1e-4))
-
-
 def test_bad_shapes_raise():
   q, k, v, slope, state = _inputs(5, 1, 4, 2, 8)
   with pytest.raises(ValueError, match="slope must be"):
@@ -117,4 +103,4 @@ def test_bad_shapes_raise():
   with pytest.raises(ValueError, match="initial_state must be"):
     ops.lightning_attention_recurrent(q, k, v, slope, state[:, :1])
   with pytest.raises(ValueError, match="implementation 'cuda'"):
-    ops.lightning_attention(q, k, v, slope, impl="cuda")
+    lightning_attention(q, k, v, slope, impl="cuda")

@@ -1,12 +1,12 @@
-"""Lightning attention (decayed linear attention, no normaliser) in pure jnp, and the dispatch.
+"""Lightning attention (decayed linear attention, no normaliser) in pure jnp: the references.
 
 Per head h with decay lambda_h = exp(-slope_h), and a state that includes the current token:
 
     S_t = lambda_h * S_{t-1} + k_t^T v_t        (S: [D, D], float32)
     o_t = q_t S_t
 
-Three jnp implementations compute this function; `lightning_attention` picks one (or the Pallas
-kernel) by name:
+Three jnp implementations compute this function (`pallas_kernels.lightning_attention` picks one,
+or the Pallas kernel, by name):
   * `lightning_attention_recurrent`: token by token (lax.scan), the ground truth.
   * `lightning_attention_quadratic`: the masked decay matrix, O(T^2) memory.
   * `lightning_attention_blockwise`: blocks of C tokens (lax.scan over blocks carrying the state):
@@ -18,12 +18,10 @@ o [B, T, H, D] in q.dtype and the final state [B, H, D, D] in float32. Arithmeti
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 
 _HI = jax.lax.Precision.HIGHEST
-IMPLEMENTATIONS = ("blockwise", "recurrent", "quadratic", "pallas")
 
 
 def _check_inputs(q, k, v, slope, initial_state):
@@ -133,56 +131,3 @@ def lightning_decode_step(q, k, v, slope, state):
       "bhd,bhe->bhde", k.astype(jnp.float32), v.astype(jnp.float32), precision=_HI)
   o = jnp.einsum("bhd,bhde->bhe", q.astype(jnp.float32), state, precision=_HI)
   return o.astype(q.dtype), state
-
-
-def _interpret() -> bool:
-  """Pallas kernels run compiled on GPU and in interpret mode elsewhere (tests on CPU)."""
-  return jax.default_backend() != "gpu"
-
-
-def resolve_impl(impl: str) -> str:
-  """"auto" -> "pallas" on GPU, "blockwise" elsewhere; other names pass through (validated)."""
-  if impl == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "blockwise"
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"lightning attention implementation {impl!r}; choose one of "
-                     f"{('auto',) + IMPLEMENTATIONS}")
-  return impl
-
-
-def lightning_attention(q, k, v, slope, initial_state=None, *, impl: str = "auto",
-                        block_size: int = 256):
-  """Dispatch. q, k, v [B, T, H, D]; slope [H] -> (o [B, T, H, D], final state [B, H, D, D] f32)."""
-  impl = resolve_impl(impl)
-  if impl == "pallas":  # the kernel tiles time itself; block_size is the jnp paths' knob
-    from pallas_kernels import lightning_attention as kernel  # pylint: disable=g-import-not-at-top
-    return kernel(q, k, v, slope, initial_state, interpret=_interpret())
-  if impl == "recurrent":
-    return lightning_attention_recurrent(q, k, v, slope, initial_state)
-  if impl == "quadratic":
-    return lightning_attention_quadratic(q, k, v, slope, initial_state)
-  return lightning_attention_blockwise(q, k, v, slope, initial_state, block_size=block_size)
-
-
-def lightning_decode(q, k, v, slope, state, *, impl: str = "auto"):
-  """One decode step through the kernel on GPU, jnp elsewhere. q, k, v [B, H, D]."""
-  if resolve_impl(impl) == "pallas":
-    from pallas_kernels import lightning_attention_decode  # pylint: disable=g-import-not-at-top
-    return lightning_attention_decode(q, k, v, slope, state, interpret=_interpret())
-  return lightning_decode_step(q, k, v, slope, state)
-
-
-def decay_slopes(num_heads: int, layer_idx: int, num_layers: int,
-                 convention: str = "original") -> jax.Array:
-  """slope_h = 2^(-8(h+1)/H) * (1 - l/(L-1) + 1e-5) for GLOBAL layer index l; [H] float32.
-
-  convention "transformers" uses the denominator L - 1 + 1e-5. A single-layer model uses factor 1.
-  """
-  base = 2.0 ** (-8.0 * (jnp.arange(num_heads, dtype=jnp.float32) + 1) / num_heads)
-  if convention == "transformers":
-    denominator = num_layers - 1 + 1e-5
-  elif convention == "original":
-    denominator = max(num_layers - 1, 1)
-  else:
-    raise ValueError(f"slope convention {convention!r}; choose 'original' or 'transformers'")
-  return base * (1.0 - layer_idx / denominator + 1e-5)

@@ -1,5 +1,5 @@
 """End-to-end tests of experiments/figures/cost_vs_context.py on small synthetic benchmark CSVs
-(the columns of pallas_kernels.lightning_bench.write_csv and m1jax.generate.benchmark.write_csv)."""
+(the columns experiments/bench_lightning.py and experiments/bench_generate.py write)."""
 
 import os
 import pathlib

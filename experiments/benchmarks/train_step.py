@@ -12,14 +12,15 @@ import time
 from typing import Mapping, Sequence
 
 import jax
-import ml_collections
 import numpy as np
 
-from m1jax import model, sharding
+from experiments import reporting
+from m1jax import flops, model, sharding
 from m1jax.config import ModelConfig
-from m1jax.rl import losses, trainer as rl_trainer
-from m1jax.train import optimizer as optimizer_lib, run
+from m1jax.rl import losses
+from m1jax.train import optimizer as optimizer_lib, rl, schema
 from m1jax.train import state as state_lib
+from m1jax.train.transfer import to_global
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ def rollout_batch(cfg: ModelConfig, rows: int, prompt_len: int, response_len: in
   """A random rollout batch (host numpy) of `rows` sequences of prompt_len + response_len tokens."""
   rng = np.random.default_rng(seed)
   total = prompt_len + response_len
-  return rl_trainer.RolloutBatch(
+  return rl.RolloutBatch(
       sequences=rng.integers(0, cfg.vocab_size, (rows, total), dtype=np.int32),
       sequence_mask=np.ones((rows, total), bool),
       response_mask=np.ones((rows, response_len), np.float32),
@@ -46,26 +47,18 @@ def rollout_batch(cfg: ModelConfig, rows: int, prompt_len: int, response_len: in
       ref_logprobs=None)
 
 
-def train_flops_per_token(cfg: ModelConfig, context: int) -> float:
-  """6 x active matmul parameters (LM head included) + softmax attention over the context."""
-  counts = model.param_counts(cfg)
-  attention = 6 * 2 * context * cfg.num_attention_heads * cfg.head_dim * cfg.num_softmax_layers
-  return 6.0 * counts["active_with_lm_head"] + attention / 2  # causal: half the context on average
-
-
 def time_mesh(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], devices,
               peak_flops_per_device: float, steps: int = 5) -> StepResult:
   """Compiles rl_update for `mesh_shape` over `devices`, checks nothing is NaN, times `steps`."""
   mesh = sharding.make_mesh(dict(mesh_shape), devices)
-  opt_cfg = ml_collections.ConfigDict(dict(
-      learning_rate=1e-6, schedule="constant", warmup_steps=0, final_lr_fraction=0.1, b1=0.9,
-      b2=0.95, eps=1e-15, weight_decay=0.0, grad_clip=1.0))
+  opt_cfg = schema.base_config().rl.optimizer
+  opt_cfg.learning_rate = 1e-6
   optimizer = optimizer_lib.make_optimizer(opt_cfg, 100)
   shardings = state_lib.state_shardings(cfg, optimizer, mesh)
   with sharding.activate(mesh):
     state = jax.jit(lambda p: state_lib.create(p, optimizer), out_shardings=shardings)(params)
-    batch_d = jax.tree.map(lambda x: run.to_global(x, mesh), batch)
-    step = jax.jit(lambda s, b: rl_trainer.rl_update(cfg, losses.LossConfig(kind="cispo"), 1.0,
+    batch_d = jax.tree.map(lambda x: to_global(x, mesh), batch)
+    step = jax.jit(lambda s, b: rl.rl_update(cfg, losses.LossConfig(kind="cispo"), 1.0,
                                                      optimizer, s, b),
                    in_shardings=(shardings, None), out_shardings=(shardings, None))
     _, metrics = step(state, batch_d)  # compile + first step (from the common starting state)
@@ -79,12 +72,12 @@ def time_mesh(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], de
   seconds = statistics.median(times)
   rows, total = batch.sequences.shape
   tokens = rows * total
-  flops = train_flops_per_token(cfg, total) * tokens
+  step_flops = flops.training_flops_per_token(flops.arch_from_model_config(cfg), total) * tokens
   name = "x".join(f"{k}{v}" for k, v in mesh_shape.items() if v > 1) or "single"
   return StepResult(mesh=name, devices=len(devices), loss=float(first["loss"]),
                     grad_norm=float(first["grad_norm"]), step_ms=seconds * 1e3,
                     tokens_per_s=tokens / seconds,
-                    mfu=flops / seconds / (peak_flops_per_device * len(devices)))
+                    mfu=step_flops / seconds / (peak_flops_per_device * len(devices)))
 
 
 def run_meshes(cfg: ModelConfig, mesh_shapes: Sequence[Mapping[str, int]], rows: int,
@@ -105,13 +98,13 @@ def run_meshes(cfg: ModelConfig, mesh_shapes: Sequence[Mapping[str, int]], rows:
 
 def table(results: Sequence[StepResult]) -> str:
   base = results[0]
-  lines = ["| mesh | GPUs | loss | grad norm | rel. diff vs 1 GPU (loss / grad) | step ms | "
-           "tokens/s | MFU | scaling eff. |", "|---|---|---|---|---|---|---|---|---|"]
+  rows = []
   for r in results:
     efficiency = r.tokens_per_s / (base.tokens_per_s * r.devices / base.devices)
-    lines.append(
-        f"| {r.mesh} | {r.devices} | {r.loss:.6f} | {r.grad_norm:.5f} | "
-        f"{abs(r.loss - base.loss) / abs(base.loss):.1e} / "
-        f"{abs(r.grad_norm - base.grad_norm) / base.grad_norm:.1e} | {r.step_ms:.1f} | "
-        f"{r.tokens_per_s:.0f} | {100 * r.mfu:.1f}% | {100 * efficiency:.0f}% |")
-  return "\n".join(lines)
+    rows.append([r.mesh, r.devices, f"{r.loss:.6f}", f"{r.grad_norm:.5f}",
+                 f"{abs(r.loss - base.loss) / abs(base.loss):.1e} / "
+                 f"{abs(r.grad_norm - base.grad_norm) / base.grad_norm:.1e}", f"{r.step_ms:.1f}",
+                 f"{r.tokens_per_s:.0f}", f"{100 * r.mfu:.1f}%", f"{100 * efficiency:.0f}%"])
+  return reporting.markdown_table(
+      ["mesh", "GPUs", "loss", "grad norm", "rel. diff vs 1 GPU (loss / grad)", "step ms",
+       "tokens/s", "MFU", "scaling eff."], rows)

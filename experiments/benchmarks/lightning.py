@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.lightning_attention import KernelConfig
-from pallas_kernels.lightning_attention import lightning_attention
-from pallas_kernels.lightning_attention import lightning_attention_decode
+from experiments import reporting
+from m1jax.flops import lightning_attention_flops as lightning_flops
+from m1jax.flops import softmax_attention_flops as softmax_flops
+from m1jax.model.lightning import decay_slopes
+from pallas_kernels import KernelConfig, lightning_attention, lightning_attention_decode
+from pallas_kernels.lightning import reference
 
-PEAK_TFLOPS = 800.0  # measured bf16 matmul rate of the H200 (minimax_m1_facts.md)
-HBM_TBPS = 4.3  # measured device-to-device copy rate
 FLA_CHUNK = 64  # fla's chunk size for chunk_simple_gla
 
 
@@ -46,17 +47,6 @@ class Row:
   fla_over_ours: float = float("nan")
   rel_err: float = float("nan")
   note: str = ""
-
-
-def lightning_flops(kind: str, batch: int, seq_len: int, heads: int, dim: int, chunk: int) -> float:
-  """Chunked linear attention: forward 4 T D (C + D), forward + backward 14 T D (C + D) per head."""
-  per_head = {"fwd": 4, "fwd+bwd": 14}[kind] * seq_len * dim * (chunk + dim)
-  return float(per_head * batch * heads)
-
-
-def softmax_flops(kind: str, batch: int, seq_len: int, heads: int, dim: int) -> float:
-  """Causal softmax attention: forward 2 T^2 D, forward + backward 7 T^2 D per head."""
-  return float({"fwd": 2, "fwd+bwd": 7}[kind] * seq_len ** 2 * dim * batch * heads)
 
 
 def hbm_floor_bytes(kind: str, batch: int, seq_len: int, heads: int, dim: int) -> float:
@@ -129,8 +119,8 @@ def to_jax(t):
 
 
 def slopes(heads: int) -> jax.Array:
-  """MiniMax-M1 decay slopes of the first layer: 2^(-8 (h + 1) / H)."""
-  return 2.0 ** (-8.0 * (jnp.arange(heads, dtype=jnp.float32) + 1) / heads)
+  """The decay slopes of MiniMax-M1's first layer (the widest range of decays)."""
+  return decay_slopes(heads, 0, 80)
 
 
 def make_inputs(seed: int, batch: int, seq_len: int, heads: int, dim: int, dtype=jnp.bfloat16):
@@ -153,9 +143,8 @@ def ours_fns(config: KernelConfig):
 
 
 def xla_fns(block_size: int = 256):
-  from m1jax.ops import lightning as ops  # pylint: disable=g-import-not-at-top
   def run(q, k, v, slope):
-    return ops.lightning_attention_blockwise(q, k, v, slope, block_size=block_size)
+    return reference.lightning_attention_blockwise(q, k, v, slope, block_size=block_size)
 
   def fwd_bwd(q, k, v, slope, do):
     o, vjp = jax.vjp(lambda q, k, v: run(q, k, v, slope)[0], q, k, v)
@@ -283,9 +272,9 @@ def bench_prefill(config: KernelConfig, shapes, log, *, with_fla=True, with_xla=
         log(f"  cudnn failed on {shape}: {type(e).__name__}: {str(e)[:300]}")
     for (kind, impl), (ms, flops, err) in results.items():
       row = Row(kind, impl, *shape, ms=ms, tflops=flops / ms / 1e9, rel_err=err)
-      row.frac_peak = row.tflops / PEAK_TFLOPS
+      row.frac_peak = row.tflops * 1e12 / reporting.PEAK_BF16_FLOPS
       if impl != "cudnn-softmax":
-        row.frac_hbm = hbm_floor_bytes(kind, *shape) / (ms * 1e-3) / (HBM_TBPS * 1e12)
+        row.frac_hbm = hbm_floor_bytes(kind, *shape) / (ms * 1e-3) / reporting.HBM_BYTES_PER_S
       if impl.startswith("pallas") and (kind, "fla") in results:
         row.fla_over_ours = results[(kind, "fla")][0] / ms
       rows.append(row)
@@ -297,18 +286,17 @@ def bench_prefill(config: KernelConfig, shapes, log, *, with_fla=True, with_xla=
 def bench_decode(batches, heads: int, dim: int, log, *, value_tile: int = 64,
                  num_warps: int = 4, with_fla: bool = True) -> list[Row]:
   """One-token decode step: the Pallas kernel, the jnp step (XLA) and fla's fused recurrence."""
-  from m1jax.ops import lightning as ops  # pylint: disable=g-import-not-at-top
   rows = []
   ours = jax.jit(lambda q, k, v, s, st: lightning_attention_decode(
       q, k, v, s, st, value_tile=value_tile, num_warps=num_warps), donate_argnums=4)
-  xla = jax.jit(ops.lightning_decode_step, donate_argnums=4)
+  xla = jax.jit(reference.lightning_decode_step, donate_argnums=4)
   for batch in batches:
     keys = jax.random.split(jax.random.key(batch), 4)
     q, k, v = (jax.random.normal(key, (batch, heads, dim), jnp.float32).astype(jnp.bfloat16)
                for key in keys[:3])
     slope = slopes(heads)
     state = jax.random.normal(keys[3], (batch, heads, dim, dim), jnp.float32)
-    o_ref, s_ref = ops.lightning_decode_step(q, k, v, slope, state)
+    o_ref, s_ref = reference.lightning_decode_step(q, k, v, slope, state)
     o, s_new = ours(q, k, v, slope, jnp.copy(state))
     err = max(rel_err(o, o_ref), rel_err(s_new, s_ref))
     results = {"pallas": (time_jax_decode(ours, q, k, v, slope, jnp.copy(state)), err),
@@ -335,7 +323,7 @@ def bench_decode(batches, heads: int, dim: int, log, *, value_tile: int = 64,
         log(f"  fla decode failed at batch {batch}: {type(e).__name__}: {str(e)[:300]}")
     for impl, (ms, e) in results.items():
       row = Row("decode", impl, batch, 1, heads, dim, ms=ms, rel_err=e)
-      row.frac_hbm = decode_bytes(batch, heads, dim) / (ms * 1e-3) / (HBM_TBPS * 1e12)
+      row.frac_hbm = decode_bytes(batch, heads, dim) / (ms * 1e-3) / reporting.HBM_BYTES_PER_S
       if impl == "pallas" and "fla-fused-recurrent" in results:
         row.fla_over_ours = results["fla-fused-recurrent"][0] / ms
       rows.append(row)
@@ -355,23 +343,10 @@ def format_row(row: Row) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-  lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-  for r in rows:
-    cells = [r.kind, r.impl, r.batch, r.seq_len, r.heads, r.dim, f"{r.ms:.4f}", f"{r.tflops:.1f}",
-             f"{100 * r.frac_peak:.1f}", f"{100 * r.frac_hbm:.1f}", f"{r.fla_over_ours:.2f}",
-             f"{r.rel_err:.1e}"]
-    lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-  return "\n".join(lines)
-
-
-def write_csv(rows: list[Row], path: str):
-  import csv  # pylint: disable=g-import-not-at-top
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    fields = [field.name for field in dataclasses.fields(Row)]
-    writer.writerow(fields)
-    for row in rows:
-      writer.writerow([getattr(row, name) for name in fields])
+  return reporting.markdown_table(HEADER, [
+      [r.kind, r.impl, r.batch, r.seq_len, r.heads, r.dim, f"{r.ms:.4f}", f"{r.tflops:.1f}",
+       f"{100 * r.frac_peak:.1f}", f"{100 * r.frac_hbm:.1f}", f"{r.fla_over_ours:.2f}",
+       f"{r.rel_err:.1e}"] for r in rows])
 
 
 def plot(rows: list[Row], path: str):

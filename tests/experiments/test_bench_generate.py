@@ -6,8 +6,9 @@ import math
 import jax
 import numpy as np
 
+from experiments import reporting
+from experiments.benchmarks import generate as benchmark
 from m1jax import config, generate, model
-from m1jax.generate import benchmark
 
 
 def test_filled_cache_marks_exactly_the_context_slots():
@@ -37,7 +38,7 @@ def test_benchmark_runs_and_writes_table_csv_and_plot(tmp_path):
     assert r.cache_mib == generate.cache_bytes(configs[r.model], 2, 11).total / 2**20
   text = benchmark.table(results)
   assert "slope (ms per 1K context)" in text and len(text.splitlines()) == 3
-  benchmark.write_csv(results, str(tmp_path / "bench.csv"))
+  reporting.write_dataclass_csv(str(tmp_path / "bench.csv"), results)
   with open(tmp_path / "bench.csv") as f:
     rows = list(csv.DictReader(f))
   assert [(r["model"], int(r["context"])) for r in rows] == [("hybrid", 8), ("all_softmax", 8)]

@@ -8,7 +8,8 @@ overrides are checked the same way after parsing).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import importlib.util
+from typing import Any, Mapping
 
 import ml_collections
 
@@ -73,23 +74,31 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-# ModelConfig fields whose default is None, with the type a value must have.
-_OPTIONAL_MODEL_FIELDS = {"moe_capacity_factor": float, "bos_token_id": int, "eos_token_id": int}
+# ModelConfig (and KernelConfig) fields whose default is None, with the type a value must have.
+_OPTIONAL_FIELDS = {"moe_capacity_factor": float, "bos_token_id": int, "eos_token_id": int,
+                    "segment_len": int, "state_num_stages": int}
 # With model.hf_dir, the architecture comes from the checkpoint and only these fields apply.
-COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lightning_impl", "attention_impl",
-                 "moe_impl", "moe_capacity_factor", "remat_policy")
+COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lightning_impl", "lightning_kernel",
+                 "attention_impl", "moe_impl", "moe_capacity_factor", "remat_policy")
+
+
+def _dataclass_fields(obj) -> ml_collections.ConfigDict:
+  fields = ml_collections.ConfigDict()
+  for field in dataclasses.fields(obj):
+    value = getattr(obj, field.name)
+    if value is None:
+      value = ml_collections.FieldReference(None, field_type=_OPTIONAL_FIELDS[field.name])
+    elif dataclasses.is_dataclass(value):
+      value = _dataclass_fields(value)
+    fields[field.name] = value
+  return fields
 
 
 def model_fields(preset: str = "tiny", **changes) -> ml_collections.ConfigDict:
   """Every ModelConfig field of `preset` (with `changes`), so each can be set from the command
-  line (--config.model.num_hidden_layers=8), plus hf_dir: a HF checkpoint to start from instead."""
-  cfg = model_config.preset(preset, **changes)
-  fields = ml_collections.ConfigDict()
-  for field in dataclasses.fields(cfg):
-    value = getattr(cfg, field.name)
-    if value is None:
-      value = ml_collections.FieldReference(None, field_type=_OPTIONAL_MODEL_FIELDS[field.name])
-    fields[field.name] = value
+  line (--config.model.num_hidden_layers=8, --config.model.lightning_kernel.block_size=128),
+  plus hf_dir: a HF checkpoint to start from instead."""
+  fields = _dataclass_fields(model_config.preset(preset, **changes))
   fields.hf_dir = ""
   return fields
 
@@ -97,10 +106,27 @@ def model_fields(preset: str = "tiny", **changes) -> ml_collections.ConfigDict:
 def model_from_config(model_cfg: ml_collections.ConfigDict) -> model_config.ModelConfig:
   """The ModelConfig a config describes (its fields, or model.hf_dir plus COMPUTE_KNOBS)."""
   values = {k: v for k, v in model_cfg.items() if k != "hf_dir"}
+  values["lightning_kernel"] = model_config.KernelConfig(**dict(values["lightning_kernel"]))
   if model_cfg.hf_dir:
     knobs = {k: values[k] for k in COMPUTE_KNOBS}
     return model_config.ModelConfig.from_hf(model_cfg.hf_dir, **knobs)
   return model_config.ModelConfig(**values)
+
+
+def load_config(path: str, overrides: Mapping[str, Any] = ()) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file at `path` (run from the repository root, as
+  experiments/train.py is), with dotted-key overrides {"rl.loss.kind": "grpo", ...}."""
+  spec = importlib.util.spec_from_file_location("m1jax_config_file", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in dict(overrides).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
 
 
 def _paths(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

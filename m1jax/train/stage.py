@@ -1,132 +1,29 @@
-"""What the SFT and RL stages share: set-up from a config, host <-> device data movement for any
-number of processes, and a `Stage` that owns checkpoints, metrics, progress and failure handling.
-
-Multi-process convention: every process runs the same host-side logic on the FULL batch (data
-pipelines are deterministic from the seed, rewards are recomputed everywhere), while device arrays
-are global and sharded over the mesh. So one code path serves 1 device, a mesh of fake CPU devices,
-one GPU, and many hosts.
-"""
+"""A training stage (SFT or RL) in `workdir/<name>`: the one loop skeleton both stages run, and
+what it owns: resume, checkpoints, metrics, progress, interruption and non-finite handling."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from jax.experimental import multihost_utils
 
-from m1jax import config as model_config
-from m1jax import convert, model, sharding
-from m1jax.data import pipeline, tasks
-from m1jax.data.tokenizer import load_tokenizer
-from m1jax.rl import rewards
 from m1jax.train import checkpoint as checkpoint_lib
-from m1jax.train import defaults
 from m1jax.train import metrics as metrics_lib
 from m1jax.train import optimizer as optimizer_lib
 from m1jax.train import state as state_lib
+from m1jax.train.context import Context
+from m1jax.train.transfer import to_host
 
-
-def init_distributed(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0):
-  """jax.distributed for multi-process runs (no-op for one process). CPU uses gloo collectives."""
-  if num_processes <= 1:
-    return
-  if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                             process_id=process_id)
-
-
-@dataclasses.dataclass
-class Context:
-  """Everything a stage needs that follows from the config alone."""
-  config: ml_collections.ConfigDict
-  workdir: str
-  model_cfg: model_config.ModelConfig
-  tokenizer: Any
-  task: Any  # m1jax.data.tasks.Task, or None for JSONL data
-  mesh: jax.sharding.Mesh
-  reward_fn: rewards.CombinedReward
-
-  @property
-  def is_main(self) -> bool:
-    return jax.process_index() == 0
-
-  @property
-  def batch_devices(self) -> int:
-    return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
-
-
-def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
-  tokenizer = load_tokenizer(config.tokenizer)
-  model_cfg = defaults.model_from_config(config.model)
-  if model_cfg.vocab_size < tokenizer.vocab_size:
-    raise ValueError(f"config.model: vocab_size={model_cfg.vocab_size} is smaller than the "
-                     f"tokenizer's {tokenizer.vocab_size}")
-  if model_cfg.eos_token_id is None:
-    model_cfg = model_cfg.replace(eos_token_id=tokenizer.eos_id)
-  task = None
-  if config.task.name != "jsonl":
-    task = tasks.make_task(config.task.name, **config.task.kwargs)
-  mesh = sharding.make_mesh(dict(config.mesh))
-  return Context(config=config, workdir=workdir, model_cfg=model_cfg, tokenizer=tokenizer,
-                 task=task, mesh=mesh, reward_fn=rewards.combine(dict(config.reward)))
-
-
-def source(ctx: Context, split: str):
-  """The grain MapDataset of examples for `split` ("train" / "eval")."""
-  t = ctx.config.task
-  if t.name == "jsonl":
-    return pipeline.jsonl_source(t.jsonl_path, split=split, eval_fraction=t.eval_fraction)
-  return pipeline.synthetic_source(ctx.task, seed=ctx.config.seed, split=split,
-                                   eval_fraction=t.eval_fraction)
-
-
-def eval_examples(ctx: Context) -> list:
-  t = ctx.config.task
-  if t.name == "jsonl":
-    return list(source(ctx, "eval"))[:t.eval_size]
-  return tasks.make_eval_set(ctx.task, size=t.eval_size, seed=t.eval_seed,
-                             eval_fraction=t.eval_fraction)
-
-
-def initial_params(ctx: Context, shardings):
-  """Params to start from: the HF checkpoint when config.model.hf_dir is set, else a random init."""
-  if ctx.config.model.hf_dir:
-    params = convert.hf.load_params(ctx.model_cfg, ctx.config.model.hf_dir)
-    return jax.tree.map(jax.device_put, params, shardings)
-  return model.init(ctx.model_cfg, jax.random.key(ctx.config.seed), shardings)
-
-
-def to_global(array: np.ndarray, mesh) -> jax.Array:
-  """A host array (identical on every process) as a global device array, batch dim sharded."""
-  array = np.asarray(array)
-  target = sharding.batch_sharding(mesh, array.ndim)
-  return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
-
-
-def score(ctx: Context, tokens: np.ndarray, examples, lengths: np.ndarray):
-  """Decodes responses once -> (combined reward [B] float32, task reward (correctness) [B])."""
-  scores = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples, lengths=lengths)
-  task_reward = rewards.get_reward_fn("task")
-  correct = np.asarray([task_reward(text, example)
-                        for text, example in zip(scores.texts, examples)], np.float32)
-  return scores.rewards, correct
-
-
-def to_host(array: jax.Array) -> np.ndarray:
-  """The full value of a (possibly multi-process) global array on every process."""
-  if array.is_fully_addressable:
-    return np.asarray(array)
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+# step_fn(state, step) -> (state, metrics): one step of a stage (it draws its own data).
+StepFn = Callable[[Any, int], tuple[Any, dict[str, float]]]
 
 
 class NonFiniteError(RuntimeError):
@@ -146,6 +43,7 @@ class Stage:
                                                     ctx.config.checkpoint.every_steps,
                                                     ctx.config.checkpoint.keep)
     self.log_every = stage_cfg.log_every
+    self.eval_every = stage_cfg.eval_every
     self.start_step = 0
     self.writer = None
     self.progress = None
@@ -156,8 +54,9 @@ class Stage:
   def finished(self) -> bool:
     return self.checkpointer.latest_step() == self.total_steps
 
-  def restore_or_create(self, make_params: Callable[[], Any]):
-    """-> (state, data_state or None). Resumes the latest checkpoint when there is one."""
+  def restore_or_create(self, make_params: Callable[[], Any], data_iter):
+    """The state to start from: the latest checkpoint (restoring `data_iter`'s position too) when
+    there is one, else a new state from make_params()."""
     latest = self.checkpointer.latest_step()
     if latest is not None:
       target = state_lib.abstract_state(self.ctx.model_cfg, self.optimizer, self.shardings)
@@ -166,10 +65,11 @@ class Stage:
         raise ValueError(f"{self.dir}: checkpoint was written with seed {meta.get('seed')}, "
                          f"config.seed={self.ctx.config.seed}; use another --workdir")
       self.start_step = latest
+      data_iter.set_state(data_state)
       logging.info("%s: resuming from step %d", self.name, latest)
-      return state, data_state
+      return state
     create = jax.jit(lambda p: state_lib.create(p, self.optimizer), out_shardings=self.shardings)
-    return create(make_params()), None
+    return create(make_params())
 
   def final_params(self):
     """The params of this stage's last checkpoint (for the next stage)."""
@@ -196,6 +96,41 @@ class Stage:
     else:
       logging.warning("%s: interrupted inside a step; the last periodic checkpoint (step %s) "
                       "stands", self.name, self.checkpointer.latest_step())
+
+  # --- the loop ------------------------------------------------------------------------------------
+  def run(self, state, data_iter, step_fn: StepFn, *,
+          evaluate: Callable[[Any], dict[str, float]], panels: Mapping[str, Sequence[str]],
+          postfix: Sequence[str] = (), updates_per_step: int = 1):
+    """Runs the stage from self.start_step to total_steps; returns the final state.
+
+    Held-out evaluation (`evaluate(params)`) at step 0 and every `eval_every` steps and at the
+    end; per step: `step_fn`, log (the keys in `postfix` on the progress bar), non-finite check,
+    checkpoint. Ctrl-C or SIGTERM checkpoints the last completed step (when the state is exactly
+    there) and re-raises. `updates_per_step`: optimizer steps per stage step.
+    """
+    self.open()
+    boundary = {"step": self.start_step, "data": data_iter.get_state()}  # last completed step
+
+    def loop():
+      nonlocal state
+      step = self.start_step
+      if step == 0:
+        self.log(0, evaluate(state.params))
+      while step < self.total_steps:
+        state, metrics = step_fn(state, step)
+        step += 1
+        data_state = data_iter.get_state()
+        boundary.update(step=step, data=data_state)
+        if step == self.total_steps or (self.eval_every and step % self.eval_every == 0):
+          metrics.update(evaluate(state.params))
+        self.log(step, metrics, postfix={k: metrics[k] for k in postfix})
+        self.check_finite(step, state, data_state)
+        self.save(step, state, data_state, force=step == self.total_steps)
+
+    interruptible(loop, lambda: self.save_if_consistent(
+        state, boundary["step"], boundary["data"], updates_per_step=updates_per_step))
+    self.close(panels)
+    return state
 
   # --- logging -----------------------------------------------------------------------------------
   def open(self):
@@ -232,7 +167,7 @@ class Stage:
           f"last at step {step}); they were skipped and a checkpoint was written to "
           f"{self.checkpointer.directory}. Lower the learning rate or inspect metrics.jsonl.")
 
-  def close(self, panels: Mapping[str, tuple[str, ...]]) -> None:
+  def close(self, panels: Mapping[str, Sequence[str]]) -> None:
     if self.progress is not None:
       self.progress.close()
     self.checkpointer.close()
@@ -261,7 +196,13 @@ def interruptible(fn: Callable[[], Any], on_interrupt: Callable[[], None]):
     signal.signal(signal.SIGTERM, previous)
 
 
-def mean_over(values: Mapping[str, jax.Array] | list[Mapping[str, Any]]) -> dict[str, float]:
-  """Mean of each key over a list of metric dicts."""
-  keys = values[0].keys()
-  return {k: float(np.mean([float(v[k]) for v in values])) for k in keys}
+def restore_params(ctx: Context, stage_dir: str, stage_cfg: ml_collections.ConfigDict):
+  """Final params of the stage saved in `stage_dir` (e.g. an earlier run's <workdir>/sft), for a
+  model `ctx.model_cfg` trained with `stage_cfg` (its optimizer shapes the checkpoint). Raises
+  ValueError when there is no checkpoint."""
+  optimizer = optimizer_lib.make_optimizer(stage_cfg.optimizer, stage_cfg.steps)
+  stage = Stage(ctx, os.path.basename(os.path.normpath(stage_dir)), stage_cfg.steps, optimizer,
+                stage_cfg, directory=stage_dir)
+  if stage.checkpointer.latest_step() is None:
+    raise ValueError(f"no checkpoint in {stage.checkpointer.directory}")
+  return stage.final_params()

@@ -21,8 +21,9 @@ from m1jax.data import pipeline
 from m1jax.generate import sampling
 from m1jax.rl import advantages as advantages_lib
 from m1jax.rl import losses
-from m1jax.train import evaluation, optimizer as optimizer_lib, run
-from m1jax.train.state import TrainState
+from m1jax.train import context, evaluation, optimizer as optimizer_lib, state as state_lib
+from m1jax.train.stage import Stage
+from m1jax.train.transfer import to_global, to_host
 
 
 class RolloutBatch(NamedTuple):
@@ -43,10 +44,7 @@ def response_logprobs(cfg: ModelConfig, params, sequences, sequence_mask, respon
   total = sequences.shape[1]
   logits = out.logits[:, total - response_width - 1:total - 1]
   targets = sequences[:, total - response_width:]
-  scaled = sampling.scaled_logits(logits, temperature)
-  logp_all = jax.nn.log_softmax(scaled, axis=-1)
-  logprobs = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)
+  logprobs, entropy = sampling.token_logprobs_and_entropy(logits, targets, temperature)
   return logprobs, entropy, out.aux_loss
 
 
@@ -65,15 +63,12 @@ def rl_loss(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float, p
 
 
 def rl_update(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float,
-              optimizer: optax.GradientTransformation, state: TrainState, batch: RolloutBatch):
+              optimizer: optax.GradientTransformation, state: state_lib.TrainState,
+              batch: RolloutBatch):
   """One pure optimizer step on a rollout minibatch -> (state, metrics)."""
   (_, metrics), grads = jax.value_and_grad(rl_loss, argnums=3, has_aux=True)(
       cfg, loss_cfg, temperature, state.params, batch)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["skipped"] = (opt_state.notfinite_count > 0).astype(jnp.float32)
-  return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                    opt_state=opt_state), metrics
+  return state_lib.apply_gradients(optimizer, state, grads, metrics)
 
 
 _ADVANTAGES = {
@@ -111,7 +106,7 @@ def _concat(parts: list[Rollouts]) -> Rollouts:
 class Sampler:
   """Generates and scores G responses for each prompt of a PromptBatch."""
 
-  def __init__(self, ctx: run.Context, rl: ml_collections.ConfigDict):
+  def __init__(self, ctx: context.Context, rl: ml_collections.ConfigDict):
     self.ctx, self.rl = ctx, rl
     self.gen_cfg = generate.GenerateConfig(
         max_new_tokens=rl.max_new_tokens,
@@ -125,16 +120,16 @@ class Sampler:
     tokens = np.repeat(batch.tokens, g, axis=0)
     mask = np.repeat(batch.mask, g, axis=0)
     examples = [e for e in batch.examples for _ in range(g)]
-    out = generate.generate(self.ctx.model_cfg, params, run.to_global(tokens, self.ctx.mesh),
-                            self.gen_cfg, prompt_mask=run.to_global(mask, self.ctx.mesh), key=key)
-    completions, lengths = run.to_host(out.tokens), run.to_host(out.lengths)
-    reward, correct = run.score(self.ctx, completions, examples, lengths)
+    out = generate.generate(self.ctx.model_cfg, params, to_global(tokens, self.ctx.mesh),
+                            self.gen_cfg, prompt_mask=to_global(mask, self.ctx.mesh), key=key)
+    completions, lengths = to_host(out.tokens), to_host(out.lengths)
+    reward, correct = evaluation.score(self.ctx, completions, examples, lengths)
     overlong = self.rl.overlong
     if overlong.enabled:
       reward = reward + np.asarray(advantages_lib.overlong_penalty(
           jnp.asarray(lengths), overlong.max_length, overlong.cache_length))
-    return Rollouts(tokens, mask, completions, run.to_host(out.logprobs), lengths,
-                    run.to_host(out.finish_reasons), reward.astype(np.float32), correct)
+    return Rollouts(tokens, mask, completions, to_host(out.logprobs), lengths,
+                    to_host(out.finish_reasons), reward.astype(np.float32), correct)
 
 
 def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.ConfigDict):
@@ -150,9 +145,9 @@ def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.Confi
     if not rl.dynamic_sampling:
       kept = [rollouts]
       break
-    groups = rollouts.rewards.reshape(b, g)
-    informative = np.repeat(np.ptp(groups, axis=1) > 0, g)
-    kept.append(_take(rollouts, np.flatnonzero(informative)))
+    constant, _ = advantages_lib.zero_variance_groups(rollouts.rewards, np.repeat(np.arange(b), g),
+                                                      b)
+    kept.append(_take(rollouts, np.flatnonzero(~np.asarray(constant))))
   got = _concat(kept)
   rows = min(len(got.rewards), b * g)
   weights = np.zeros(b * g, np.float32)
@@ -185,7 +180,7 @@ PANELS = {
 }
 
 
-def train(ctx: run.Context, init_params_fn) -> run.Stage:
+def train(ctx: context.Context, init_params_fn) -> Stage:
   """Runs (or resumes) the RL stage in workdir/rl. init_params_fn(param_shardings) gives the
   starting params (also the KL reference policy)."""
   rl = ctx.config.rl
@@ -197,15 +192,13 @@ def train(ctx: run.Context, init_params_fn) -> run.Stage:
                      f"{ctx.batch_devices} batch devices of the mesh")
   loss_cfg = losses.LossConfig(**rl.loss.to_dict())
   optimizer = optimizer_lib.make_optimizer(rl.optimizer, rl.steps * mu)
-  stage = run.Stage(ctx, "rl", rl.steps, optimizer, rl)
+  stage = Stage(ctx, "rl", rl.steps, optimizer, rl)
   if stage.finished():
     return stage
-  prompts = pipeline.prompt_dataset(run.source(ctx, "train"), ctx.tokenizer, batch_size=b,
+  prompts = pipeline.prompt_dataset(context.source(ctx, "train"), ctx.tokenizer, batch_size=b,
                                     max_prompt_len=rl.max_prompt_len, seed=ctx.config.seed + 1)
   prompt_iter = iter(prompts)
-  state, data_state = stage.restore_or_create(lambda: init_params_fn(stage.shardings.params))
-  if data_state is not None:
-    prompt_iter.set_state(data_state)
+  state = stage.restore_or_create(lambda: init_params_fn(stage.shardings.params), prompt_iter)
   ref_params = None
   if loss_cfg.kl_coef > 0:  # the reference policy is the starting point of this stage
     ref_params = init_params_fn(stage.shardings.params)
@@ -215,9 +208,9 @@ def train(ctx: run.Context, init_params_fn) -> run.Stage:
   ref_logprobs_fn = jax.jit(lambda p, s, m: response_logprobs(
       ctx.model_cfg, p, s, m, rl.max_new_tokens, rl.temperature)[0])
   sampler = Sampler(ctx, rl)
-  eval_set = run.eval_examples(ctx)
+  eval_set = context.eval_examples(ctx)
   base_key = jax.random.key(ctx.config.seed)
-  stage.open()
+  group_ids = np.repeat(np.arange(b), g)
 
   def minibatches(rollouts: Rollouts, weights: np.ndarray, advantages: np.ndarray, key):
     order = np.asarray(jax.random.permutation(key, rows))
@@ -226,7 +219,7 @@ def train(ctx: run.Context, init_params_fn) -> run.Stage:
       sequences = np.concatenate([r.tokens, r.completions], axis=1)
       response = (np.arange(rl.max_new_tokens)[None] < r.lengths[:, None]).astype(np.float32)
       seq_mask = np.concatenate([r.prompt_mask, response > 0], axis=1)
-      put = lambda x: run.to_global(x, ctx.mesh)
+      put = lambda x: to_global(x, ctx.mesh)
       sequences_d, seq_mask_d = put(sequences.astype(np.int32)), put(seq_mask)
       ref = None if ref_params is None else ref_logprobs_fn(ref_params, sequences_d, seq_mask_d)
       yield RolloutBatch(sequences_d, seq_mask_d, put(response * weights[part][:, None]),
@@ -234,34 +227,21 @@ def train(ctx: run.Context, init_params_fn) -> run.Stage:
                          put(advantages[part].astype(np.float32)),
                          ref)
 
-  boundary = {"step": stage.start_step, "data": prompt_iter.get_state()}  # last completed step
+  def step_fn(state, step):
+    key = jax.random.fold_in(base_key, step)
+    rollouts, weights, metrics = collect(sampler, state.params, prompt_iter,
+                                         jax.random.fold_in(key, 0), rl)
+    advantages = compute_advantages(rl.advantage, rollouts.rewards, group_ids, b)
+    update_metrics = []
+    for batch in minibatches(rollouts, weights, advantages, jax.random.fold_in(key, 1)):
+      state, m = update(state, batch)
+      update_metrics.append(jax.device_get(m))
+    metrics.update({k: float(np.mean([float(m[k]) for m in update_metrics]))
+                    for k in update_metrics[0]})
+    metrics["advantage_abs_mean"] = float(np.mean(np.abs(advantages) * weights))
+    return state, metrics
 
-  def loop():
-    nonlocal state
-    step = stage.start_step
-    if step == 0:
-      stage.log(0, evaluation.evaluate(ctx, state.params, eval_set, rl.max_prompt_len))
-    while step < rl.steps:
-      key = jax.random.fold_in(base_key, step)
-      rollouts, weights, metrics = collect(sampler, state.params, prompt_iter,
-                                           jax.random.fold_in(key, 0), rl)
-      group_ids = np.repeat(np.arange(b), g)
-      advantages = compute_advantages(rl.advantage, rollouts.rewards, group_ids, b)
-      update_metrics = []
-      for batch in minibatches(rollouts, weights, advantages, jax.random.fold_in(key, 1)):
-        state, m = update(state, batch)
-        update_metrics.append(jax.device_get(m))
-      step += 1
-      boundary.update(step=step, data=prompt_iter.get_state())
-      metrics.update(run.mean_over(update_metrics))
-      metrics["advantage_abs_mean"] = float(np.mean(np.abs(advantages) * weights))
-      if step == rl.steps or (rl.eval_every and step % rl.eval_every == 0):
-        metrics.update(evaluation.evaluate(ctx, state.params, eval_set, rl.max_prompt_len))
-      stage.log(step, metrics, postfix={"reward": metrics["reward"], "loss": metrics["loss"]})
-      stage.check_finite(step, state, prompt_iter.get_state())
-      stage.save(step, state, prompt_iter.get_state(), force=step == rl.steps)
-
-  run.interruptible(loop, lambda: stage.save_if_consistent(
-      state, boundary["step"], boundary["data"], updates_per_step=mu))
-  stage.close(PANELS)
+  stage.run(state, prompt_iter, step_fn, panels=PANELS, postfix=("reward", "loss"),
+            updates_per_step=mu,
+            evaluate=lambda params: evaluation.evaluate(ctx, params, eval_set, rl.max_prompt_len))
   return stage

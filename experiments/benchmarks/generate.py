@@ -13,7 +13,6 @@ experiments/bench_generate.py is the entry point.
 from __future__ import annotations
 
 import concurrent.futures
-import csv
 import dataclasses
 import functools
 import os
@@ -161,15 +160,6 @@ def table(results: Sequence[DecodeTiming]) -> str:
   lines.append("slope (ms per 1K context): " + ", ".join(
       f"{n} {slope_ms_per_1k(results, n):.4f}" for n in names))
   return "\n".join(lines)
-
-
-def write_csv(results: Sequence[DecodeTiming], path: str) -> None:
-  fields = [f.name for f in dataclasses.fields(DecodeTiming)]
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    for r in results:
-      writer.writerow(dataclasses.asdict(r))
 
 
 def plot(results: Sequence[DecodeTiming], path: str, title: str) -> None:

@@ -26,7 +26,7 @@ segment, starts from the decayed sum of the local states of the parts before it.
 [D, D] state per part touches HBM; the forward keeps them for dq.
 
 Forward on Hopper: for bfloat16 inputs with D in {64, 128} and T a multiple of 64, the forward
-runs the Mosaic GPU kernel of `pallas_kernels.lightning_mosaic` (TMA loads, wgmma, one CTA per
+runs the Mosaic GPU kernel of `pallas_kernels.lightning.mosaic` (TMA loads, wgmma, one CTA per
 (batch, head) and segment; faster than the Triton sweep, docs/benchmarks.md); when B * H is
 below `min_programs` the sequence is cut into equal segments whose start states come from the
 Triton pre-pass. The backward always runs the Triton sweeps. `KernelConfig.forward_impl` picks.
@@ -92,12 +92,31 @@ class KernelConfig:
   num_stages: int = 3
   forward_impl: str = "auto"
 
+  def validate(self) -> None:
+    """Raises ValueError naming the first field the kernels cannot honour."""
+    for name in ("block_size", "value_tile", "state_block_size"):
+      value = getattr(self, name)
+      if not _is_power_of_two(value) or value < 16:
+        raise ValueError(f"KernelConfig.{name}={value!r}: must be a power of two >= 16")
+    for name in ("state_split", "num_warps", "num_stages", "min_programs"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"KernelConfig.{name}={getattr(self, name)!r}: must be >= 1")
+    if self.forward_impl not in FORWARD_IMPLS:
+      raise ValueError(f"KernelConfig.forward_impl={self.forward_impl!r}: must be one of "
+                       f"{FORWARD_IMPLS}")
+    if self.state_num_stages is not None and self.state_num_stages < 1:
+      raise ValueError(f"KernelConfig.state_num_stages={self.state_num_stages!r}: must be >= 1 "
+                       "or None")
+    if self.segment_len is not None and self.segment_len <= 0:
+      raise ValueError(f"KernelConfig.segment_len={self.segment_len!r}: must be positive or None")
 
+
+FORWARD_IMPLS = ("auto", "mosaic", "triton")
 DEFAULT_CONFIG = KernelConfig()
 
 
 def _is_power_of_two(n: int) -> bool:
-  return n > 0 and n & (n - 1) == 0
+  return isinstance(n, int) and n > 0 and n & (n - 1) == 0
 
 
 def _next_power_of_two(n: int) -> int:
@@ -407,8 +426,8 @@ def _mosaic_forward(q, k, v, slope, x0, plan: _Plan, interpret: bool, kernel=Non
   segments. q, k, v [B, T, H, D]; x0 [B, H, D, D] -> (o [B, T, H, D], final state [B, H, D, D]).
   `kernel(q, k, v, slope, initial_state)` defaults to the Mosaic kernel (tests pass another)."""
   if kernel is None:  # imported here: Mosaic GPU costs 0.24 s of import for Triton-only users
-    from pallas_kernels import lightning_mosaic  # pylint: disable=g-import-not-at-top
-    kernel = lightning_mosaic.lightning_attention_forward_mosaic
+    from pallas_kernels.lightning import mosaic  # pylint: disable=g-import-not-at-top
+    kernel = mosaic.lightning_attention_forward_mosaic
   batch, seq_len, heads, dim = q.shape
   num_segments = plan.num_segments
   if num_segments == 1:
@@ -482,20 +501,7 @@ def _check_inputs(q, k, v, slope, initial_state, config: KernelConfig):
                      f"{q.dtype}, {k.dtype}, {v.dtype}")
   batch, _, heads, dim = q.shape
   _check_dim("head dim D", dim)
-  _check_dim("config.block_size", config.block_size)
-  _check_dim("config.value_tile", config.value_tile)
-  _check_dim("config.state_block_size", config.state_block_size)
-  for name in ("state_split", "num_warps", "num_stages"):
-    if getattr(config, name) < 1:
-      raise ValueError(f"config.{name} must be >= 1; got {getattr(config, name)}")
-  if config.forward_impl not in ("auto", "mosaic", "triton"):
-    raise ValueError(f"config.forward_impl must be 'auto', 'mosaic' or 'triton'; got "
-                     f"{config.forward_impl!r}")
-  if config.state_num_stages is not None and config.state_num_stages < 1:
-    raise ValueError(f"config.state_num_stages must be >= 1 or None; got "
-                     f"{config.state_num_stages}")
-  if config.segment_len is not None and config.segment_len <= 0:
-    raise ValueError(f"config.segment_len must be positive; got {config.segment_len}")
+  config.validate()
   if slope.shape != (heads,):
     raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
   if initial_state is not None and initial_state.shape != (batch, heads, dim, dim):
@@ -504,9 +510,9 @@ def _check_inputs(q, k, v, slope, initial_state, config: KernelConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "config"))
-def lightning_attention(q, k, v, slope, initial_state=None, *, interpret: bool = False,
-                        config: KernelConfig = DEFAULT_CONFIG):
-  """Lightning attention, differentiable in q, k, v and initial_state.
+def lightning_attention_pallas(q, k, v, slope, initial_state=None, *, interpret: bool = False,
+                               config: KernelConfig = DEFAULT_CONFIG):
+  """Lightning attention by the Pallas kernels, differentiable in q, k, v and initial_state.
 
   Args:
     q, k, v: [B, T, H, D] in bfloat16, float16 or float32 (one dtype); any T; D a power of 2.
@@ -544,8 +550,8 @@ def _decode_kernel(slope_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_r
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "value_tile", "num_warps"))
-def lightning_attention_decode(q, k, v, slope, state, *, interpret: bool = False,
-                               value_tile: int = 64, num_warps: int = 4):
+def lightning_attention_decode_pallas(q, k, v, slope, state, *, interpret: bool = False,
+                                      value_tile: int = 64, num_warps: int = 4):
   """One token per sequence. q, k, v [B, H, D]; slope [H]; state [B, H, D, D] float32.
 
   Returns (o [B, H, D] in q.dtype, new state [B, H, D, D] float32). The new state aliases the

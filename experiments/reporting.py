@@ -1,0 +1,52 @@
+"""What the benchmark and figure scripts share: the log, tables, CSV files, the versions line and
+the measured hardware ceilings that MFU and "% of the HBM floor" are relative to."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import platform
+from typing import Callable, Sequence
+
+import jax
+
+from m1jax.analysis.tables import markdown_table, write_csv
+
+__all__ = ["PEAK_BF16_FLOPS", "HBM_BYTES_PER_S", "markdown_table", "write_csv", "tee", "versions",
+           "write_dataclass_csv"]
+
+# One H200, measured with the benchmarks here (docs/benchmarks.md): dense bf16 matmul rate and
+# device-to-device copy rate.
+PEAK_BF16_FLOPS = 800e12
+HBM_BYTES_PER_S = 4.3e12
+
+
+def tee(path: str) -> Callable[[str], None]:
+  """log(msg) prints msg and appends it to `path` (flushed per line, so a cut-short run keeps
+  everything it printed)."""
+
+  def log(msg: str):
+    print(msg, flush=True)
+    with open(path, "a") as f:
+      f.write(msg + "\n")
+
+  return log
+
+
+def versions(*extra: str) -> str:
+  """"date ...; device ...; python ..., jax ..." plus the versions of the modules in `extra`."""
+  parts = [f"python {platform.python_version()}", f"jax {jax.__version__}"]
+  for name in extra:
+    try:
+      module = __import__(name)
+      parts.append(f"{name} {getattr(module, '__version__', '?')}")
+    except ImportError:
+      parts.append(f"{name} absent")
+  return (f"date {datetime.date.today()}; device {jax.devices()[0].device_kind}; "
+          + ", ".join(parts))
+
+
+def write_dataclass_csv(path: str, rows: Sequence) -> None:
+  """Rows of one dataclass type as CSV, one column per field."""
+  fields = [f.name for f in dataclasses.fields(rows[0])]
+  write_csv(path, fields, [[getattr(r, name) for name in fields] for r in rows])

@@ -1,0 +1,96 @@
+"""What a training run needs that follows from its config alone: the model, tokenizer, task, mesh
+and reward (`Context`), the data sources, the held-out set and the starting params.
+
+Multi-process convention: every process runs the same host-side logic on the FULL batch (data
+pipelines are deterministic from the seed, rewards are recomputed everywhere), while device arrays
+are global and sharded over the mesh (m1jax.train.transfer). So one code path serves 1 device, a
+mesh of fake CPU devices, one GPU, and many hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from m1jax import config as model_config
+from m1jax import convert, model, sharding
+from m1jax.data import pipeline, tasks
+from m1jax.data.tokenizer import load_tokenizer
+from m1jax.rl import rewards
+from m1jax.train import schema
+
+
+def init_distributed(coordinator_address: str = "", num_processes: int = 1, process_id: int = 0):
+  """jax.distributed for multi-process runs (no-op for one process). CPU uses gloo collectives."""
+  if num_processes <= 1:
+    return
+  if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+@dataclasses.dataclass
+class Context:
+  """Everything a stage needs that follows from the config alone."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model_cfg: model_config.ModelConfig
+  tokenizer: Any
+  task: Any  # m1jax.data.tasks.Task, or None for JSONL data
+  mesh: jax.sharding.Mesh
+  reward_fn: rewards.CombinedReward
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  @property
+  def batch_devices(self) -> int:
+    return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
+
+
+def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+  tokenizer = load_tokenizer(config.tokenizer)
+  model_cfg = schema.model_from_config(config.model)
+  if model_cfg.vocab_size < tokenizer.vocab_size:
+    raise ValueError(f"config.model: vocab_size={model_cfg.vocab_size} is smaller than the "
+                     f"tokenizer's {tokenizer.vocab_size}")
+  if model_cfg.eos_token_id is None:
+    model_cfg = model_cfg.replace(eos_token_id=tokenizer.eos_id)
+  task = None
+  if config.task.name != "jsonl":
+    task = tasks.make_task(config.task.name, **config.task.kwargs)
+  mesh = sharding.make_mesh(dict(config.mesh))
+  return Context(config=config, workdir=workdir, model_cfg=model_cfg, tokenizer=tokenizer,
+                 task=task, mesh=mesh, reward_fn=rewards.combine(dict(config.reward)))
+
+
+def source(ctx: Context, split: str):
+  """The grain MapDataset of examples for `split` ("train" / "eval")."""
+  t = ctx.config.task
+  if t.name == "jsonl":
+    return pipeline.jsonl_source(t.jsonl_path, split=split, eval_fraction=t.eval_fraction)
+  return pipeline.synthetic_source(ctx.task, seed=ctx.config.seed, split=split,
+                                   eval_fraction=t.eval_fraction)
+
+
+def eval_examples(ctx: Context) -> list:
+  t = ctx.config.task
+  if t.name == "jsonl":
+    return list(source(ctx, "eval"))[:t.eval_size]
+  return tasks.make_eval_set(ctx.task, size=t.eval_size, seed=t.eval_seed,
+                             eval_fraction=t.eval_fraction)
+
+
+def initial_params(ctx: Context, shardings):
+  """Params to start from: the HF checkpoint when config.model.hf_dir is set, else a random init."""
+  if ctx.config.model.hf_dir:
+    params = convert.hf.load_params(ctx.model_cfg, ctx.config.model.hf_dir)
+    return jax.tree.map(jax.device_put, params, shardings)
+  return model.init(ctx.model_cfg, jax.random.key(ctx.config.seed), shardings)
