@@ -1,44 +1,88 @@
-r"""Sharded RL train step (rl_update) on several meshes: agreement with one device, tokens/s, MFU.
+r"""The RL train step (rl_update): time, tokens/s, MFU, peak memory, compile time, where the time
+goes, and the same step on longer sequences and several meshes.
 
-  python -m experiments.bench_train_step --out_dir=results/train_step   # all local GPUs
+  python -m experiments.bench_train_step --out_dir=results/train_step   # one GPU
+  python -m experiments.bench_train_step --meshes="fsdp=1;fsdp=2;expert=2" --breakdown=false
 
-Meshes are given as `axis=size,...` separated by `;` (axes: data, fsdp, tensor, expert). Writes
-train_step.csv and train_step.md to --out_dir.
+--shapes lists rows x tokens per step (each sequence 1/8 prompt, 7/8 response); the first shape
+gets the component breakdown and the grouped-GEMM rates. --long_remat applies to shapes of more
+than 4096 tokens per sequence. Meshes are `axis=size,...` separated by `;` (axes: data, fsdp,
+tensor, expert). Writes train_step.csv, components.csv and train_step.md to --out_dir.
 """
 
+import ast
 import os
 
 from absl import app, flags
+import jax
 
 from experiments import reporting
 from experiments.benchmarks import train_step as benchmark
-from m1jax import config
+from m1jax import config, model
 
 _PRESET = flags.DEFINE_string("preset", "small", "config.preset name.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
-_MESHES = flags.DEFINE_string("meshes", "fsdp=1;fsdp=2;expert=2;data=2", "Meshes to time.")
-_ROWS = flags.DEFINE_integer("rows", 16, "Sequences per step.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 128, "Prompt tokens per sequence.")
-_RESPONSE_LEN = flags.DEFINE_integer("response_len", 896, "Response tokens per sequence.")
+_MESHES = flags.DEFINE_string("meshes", "fsdp=1", "Meshes to time (the first shape only).")
+_SHAPES = flags.DEFINE_list("shapes", ["16x1024"], "rows x tokens per sequence, e.g. 4x8192.")
+_LONG_REMAT = flags.DEFINE_string("long_remat", "full", "remat_policy for sequences > 4096.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Time the components of the first shape.")
+_OVERRIDES = flags.DEFINE_list("model", [], "ModelConfig fields as name=value (e.g. "
+                               "moe_gemm_impl=xla), applied to every run.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", reporting.PEAK_BF16_FLOPS / 1e12,
                                   "Per-device peak for MFU (default: the measured H200 bf16 "
                                   "matmul rate).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "results/train_step", "CSV and table folder.")
 
 
+def _model_overrides() -> dict:
+  out = {}
+  for item in _OVERRIDES.value:
+    name, _, value = item.partition("=")
+    try:
+      out[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[name] = value  # a plain string
+  return out
+
+
 def main(argv):
   del argv
-  cfg = config.preset(_PRESET.value, dtype=_DTYPE.value)
-  shapes = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in mesh.split(","))
-            for mesh in _MESHES.value.split(";") if mesh]
-  results = benchmark.run_meshes(cfg, shapes, _ROWS.value, _PROMPT_LEN.value, _RESPONSE_LEN.value,
-                                 _PEAK_TFLOPS.value * 1e12)
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "train_step.csv"), results)
-  text = benchmark.table(results)
+  log = reporting.tee(os.path.join(_OUT_DIR.value, "train_step.log"))
+  log(reporting.versions())
+  base = config.preset(_PRESET.value, dtype=_DTYPE.value, **_model_overrides())
+  params = model.init(base, jax.random.key(0))
+  meshes = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in mesh.split(","))
+            for mesh in _MESHES.value.split(";") if mesh]
+  results, text = [], []
+  for i, shape in enumerate(_SHAPES.value):
+    rows, seq_len = (int(x) for x in shape.split("x"))
+    cfg = base.replace(remat_policy=_LONG_REMAT.value) if seq_len > 4096 else base
+    batch = benchmark.rollout_batch(cfg, rows, seq_len // 8, seq_len - seq_len // 8)
+    for mesh in meshes if i == 0 else meshes[:1]:
+      size = 1
+      for n in mesh.values():
+        size *= n
+      result = benchmark.time_step(cfg, params, batch, mesh, jax.devices()[:size],
+                                   _PEAK_TFLOPS.value * 1e12)
+      log(f"{shape} {result.mesh}: {result.step_ms:.1f} ms, {result.tokens_per_s:.0f} tokens/s, "
+          f"MFU {100 * result.mfu:.1f}%, compile {result.compile_s:.1f} s, peak "
+          f"{result.peak_gib:.1f} GiB (remat {cfg.remat_policy})")
+      results.append(result)
+    reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "train_step.csv"), results)
+    if i == 0 and _BREAKDOWN.value:
+      components = benchmark.component_times(cfg, params, rows, seq_len,
+                                             seq_len - seq_len // 8)
+      reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "components.csv"), components)
+      rates = benchmark.grouped_gemm_rates(cfg, rows, seq_len)
+      text.append(benchmark.component_table(components, results[0].step_ms))
+      text.append("grouped GEMMs alone (forward + both gradients, balanced experts): "
+                  + ", ".join(f"{k} {v:.0f} TF/s" for k, v in rates.items()))
+      log(text[-2] + "\n" + text[-1])
+  text.insert(0, benchmark.table(results))
   with open(os.path.join(_OUT_DIR.value, "train_step.md"), "w") as f:
-    f.write(text + "\n")
-  print(text)
+    f.write("\n\n".join(text) + "\n")
+  log("\n\n".join(text))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from pallas_kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMUL_IMPLS
 from pallas_kernels.lightning import IMPLEMENTATIONS as LIGHTNING_IMPLS
 from pallas_kernels.lightning import KernelConfig
 
@@ -26,6 +27,7 @@ _HF_LAYER_TYPES = {"linear_attention": LIGHTNING, "full_attention": SOFTMAX}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 MOE_IMPLS = ("ragged", "dense")
+MOE_GEMM_IMPLS = GROUPED_MATMUL_IMPLS
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 SLOPE_CONVENTIONS = ("original", "transformers")
 
@@ -98,6 +100,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   # LM head matmul + logits; shared by sampler and trainer (paper 3.2).
   lm_head_dtype: str = "float32"
+  # Training computes the LM head + log-probs over chunks of this many tokens (memory O(chunk V)).
+  head_chunk_tokens: int = 1024
   # True rotates the whole head, as transformers does (ignores rotary_dim).
   rope_full_head: bool = False
   slope_convention: str = "original"  # "original": 1 - l/(L-1); "transformers": 1 - l/(L-1+1e-5).
@@ -106,8 +110,10 @@ class ModelConfig:
   lightning_kernel: KernelConfig = KernelConfig()
   # jax.nn.dot_product_attention implementation (auto: cudnn when it applies).
   attention_impl: str = "auto"
-  # ragged: dropless grouped GEMM (lax.ragged_dot); dense: all experts (tests).
+  # ragged: dropless grouped GEMM; dense: all experts (tests).
   moe_impl: str = "ragged"
+  # The dropless grouped GEMM: auto (Mosaic GPU kernels on Hopper, XLA elsewhere), mosaic, xla.
+  moe_gemm_impl: str = "auto"
   # None: dropless. Else capacity = cf * tokens * k / E per expert.
   moe_capacity_factor: float | None = None
   remat_policy: str = "none"
@@ -124,7 +130,8 @@ class ModelConfig:
 
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
-                  "num_experts_per_tok", "block_size", "rotary_dim", "max_position_embeddings"):
+                  "num_experts_per_tok", "block_size", "rotary_dim", "max_position_embeddings",
+                  "head_chunk_tokens"):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         fail(field, "must be a positive integer")
@@ -160,7 +167,8 @@ class ModelConfig:
       if getattr(self, field) not in DTYPES:
         fail(field, f"must be one of {sorted(DTYPES)}")
     for field, allowed in (("lightning_impl", LIGHTNING_IMPLS), ("attention_impl", ATTENTION_IMPLS),
-                           ("moe_impl", MOE_IMPLS), ("remat_policy", REMAT_POLICIES),
+                           ("moe_impl", MOE_IMPLS), ("moe_gemm_impl", MOE_GEMM_IMPLS),
+                           ("remat_policy", REMAT_POLICIES),
                            ("slope_convention", SLOPE_CONVENTIONS)):
       if getattr(self, field) not in allowed:
         fail(field, f"must be one of {allowed}")

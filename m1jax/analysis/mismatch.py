@@ -100,7 +100,8 @@ def sampler_hidden(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_ma
   cache = model.init_cache(cfg, batch, prompt_width + num_new - 1)
   prefill = model.forward(cfg, params, prompt_tokens, token_mask=prompt_mask,
                           positions=model.positions_from_mask(prompt_mask, prompt_tokens.shape),
-                          cache=cache, compute_logits=False, return_hidden_states=True)
+                          cache=cache, fresh_cache=True, compute_logits=False,
+                          return_hidden_states=True)
   first_final, first_layers = _last_token(prefill.hidden, prefill.hidden_states)
   prompt_lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
 

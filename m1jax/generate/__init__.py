@@ -16,10 +16,11 @@ from m1jax.generate.memory import CacheBytes
 from m1jax.generate.memory import cache_bytes
 from m1jax.generate.sampling import SamplingConfig
 from m1jax.generate.sampling import filter_logits
+from m1jax.generate.sampling import head_token_logprobs
 from m1jax.generate.sampling import sample
 from m1jax.generate.sampling import token_logprobs
 from m1jax.generate.sampling import token_logprobs_and_entropy
 
 __all__ = ["FinishReason", "GenerateConfig", "GenerateOutput", "generate", "stop_update",
-           "CacheBytes", "cache_bytes", "SamplingConfig", "filter_logits", "sample",
-           "token_logprobs", "token_logprobs_and_entropy"]
+           "CacheBytes", "cache_bytes", "SamplingConfig", "filter_logits", "head_token_logprobs",
+           "sample", "token_logprobs", "token_logprobs_and_entropy"]

@@ -98,6 +98,9 @@ class GenerateConfig:
     if self.sampling.top_k > cfg.vocab_size:
       raise ValueError(f"SamplingConfig.top_k={self.sampling.top_k} exceeds vocab_size="
                        f"{cfg.vocab_size}")
+    if self.sampling.vocab_limit is not None and self.sampling.vocab_limit > cfg.vocab_size:
+      raise ValueError(f"SamplingConfig.vocab_limit={self.sampling.vocab_limit} exceeds "
+                       f"vocab_size={cfg.vocab_size}")
     ids = {"eos_token_ids": self.resolved_eos(cfg), "stop_token_ids": self.stop_token_ids,
            "pad_id": (self.pad_id,)}
     for name, values in ids.items():
@@ -193,7 +196,7 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
   cache = model.init_cache(cfg, batch, prompt_width + n - 1, kv_dtype)
   prefill = model.forward(cfg, params, tokens, token_mask=mask,
                           positions=model.positions_from_mask(mask, tokens.shape), cache=cache,
-                          compute_logits=False)
+                          fresh_cache=True, compute_logits=False)
   logits = model.lm_head_logits(cfg, prefill.hidden[:, -1:], params["lm_head"])[:, 0]  # [B, V]
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
   stop_rules = dict(eos_ids=gen.resolved_eos(cfg), stop_ids=gen.stop_token_ids, max_new_tokens=n,
@@ -203,7 +206,8 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
     """Samples token `state.step` of every unfinished row and applies the stop rules."""
     step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, state.step)
     token = sampling.sample(logits, step_keys, gen.sampling)
-    logprob = sampling.token_logprobs(logits, token, gen.sampling.temperature)
+    logprob = sampling.token_logprobs(logits, token, gen.sampling.temperature,
+                                      gen.sampling.vocab_limit)
     active = ~state.done
     token = jnp.where(active, token, gen.pad_id)
     logprob = jnp.where(active, logprob, 0.0)

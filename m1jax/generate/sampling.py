@@ -20,6 +20,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from m1jax import model as model_lib
+from m1jax.config import ModelConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -30,11 +33,15 @@ class SamplingConfig:
   top_p: nucleus sampling: keep the most likely tokens until their cumulative probability
     reaches top_p (1: off); applied after top-k to the renormalised top-k distribution, as
     transformers does. Tokens tied with the last kept one are kept too.
+  vocab_limit: ids >= vocab_limit are never sampled and their logits are excluded from the
+    log-probs (None: the whole vocabulary). Set it to the tokenizer's size when the model's
+    vocabulary is padded beyond it; the trainer passes the same value to `token_logprobs`.
   """
 
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  vocab_limit: int | None = None
 
   def __post_init__(self):
     if not self.temperature >= 0:
@@ -43,6 +50,10 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k={self.top_k!r}: must be an integer >= 0 (0: off)")
     if not 0 < self.top_p <= 1:
       raise ValueError(f"SamplingConfig.top_p={self.top_p!r}: must be in (0, 1] (1: off)")
+    if self.vocab_limit is not None and (not isinstance(self.vocab_limit, int)
+                                         or self.vocab_limit < 1):
+      raise ValueError(f"SamplingConfig.vocab_limit={self.vocab_limit!r}: must be a positive "
+                       "integer or None")
 
   @property
   def greedy(self) -> bool:
@@ -54,27 +65,66 @@ def logprob_temperature(temperature: float) -> float:
   return 1.0 if temperature == 0 else float(temperature)
 
 
-def scaled_logits(logits: jax.Array, temperature: float) -> jax.Array:
-  """logits [..., V] (any float dtype) -> float32 logits / T (T = 1 for greedy)."""
-  return logits.astype(jnp.float32) / logprob_temperature(temperature)
+def scaled_logits(logits: jax.Array, temperature: float,
+                  vocab_limit: int | None = None) -> jax.Array:
+  """logits [..., V] (any float dtype) -> float32 logits / T (T = 1 for greedy), -inf at ids
+  >= vocab_limit."""
+  scaled = logits.astype(jnp.float32) / logprob_temperature(temperature)
+  if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+    return scaled
+  return jnp.where(jnp.arange(logits.shape[-1]) < vocab_limit, scaled, -jnp.inf)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
-  """log_softmax(logits / T)[token] over the full vocabulary, in float32.
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float,
+                   vocab_limit: int | None = None) -> jax.Array:
+  """log_softmax(logits / T)[token] over the vocabulary (ids < vocab_limit), in float32.
 
   logits [..., V]; tokens int [...] -> [...]. T = 1 when temperature is 0 (greedy). The sampler
   reports exactly this; the trainer evaluates its log-probs with it too.
   """
-  logprobs = jax.nn.log_softmax(scaled_logits(logits, temperature), axis=-1)
+  logprobs = jax.nn.log_softmax(scaled_logits(logits, temperature, vocab_limit), axis=-1)
   return _gather(logprobs, tokens)
 
 
-def token_logprobs_and_entropy(logits: jax.Array, tokens: jax.Array,
-                               temperature: float) -> tuple[jax.Array, jax.Array]:
+def token_logprobs_and_entropy(logits: jax.Array, tokens: jax.Array, temperature: float,
+                               vocab_limit: int | None = None) -> tuple[jax.Array, jax.Array]:
   """`token_logprobs` and the entropy of the same distribution. logits [..., V]; tokens int [...]
   -> (log-probs [...], entropies [...]) in float32."""
-  logprobs = jax.nn.log_softmax(scaled_logits(logits, temperature), axis=-1)
-  return _gather(logprobs, tokens), -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+  logprobs = jax.nn.log_softmax(scaled_logits(logits, temperature, vocab_limit), axis=-1)
+  terms = jnp.exp(logprobs) * logprobs
+  if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+    terms = jnp.where(jnp.isfinite(logprobs), terms, 0.0)  # 0 * -inf at the masked ids
+  return _gather(logprobs, tokens), -jnp.sum(terms, axis=-1)
+
+
+def head_token_logprobs(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array,
+                        tokens: jax.Array, temperature: float, vocab_limit: int | None = None,
+                        chunk_tokens: int | None = None) -> tuple[jax.Array, jax.Array]:
+  """The LM head, then `token_logprobs_and_entropy`, chunk by chunk: never [B, T, V] at once.
+
+  hidden [B, T, E] (final-normed); lm_head [E, V]; tokens int [B, T] -> (log-probs [B, T],
+  entropies [B, T]) float32, equal to token_logprobs_and_entropy(model.lm_head_logits(cfg,
+  hidden, lm_head), ...). The time axis goes through in chunks of about chunk_tokens tokens
+  (cfg.head_chunk_tokens; all B rows of a few positions, so the batch stays sharded as it is);
+  each chunk's logits are recomputed in the backward pass (jax.checkpoint), so training holds
+  O(chunk x V) of them.
+  """
+  batch, length, _ = hidden.shape
+  steps = max(1, min(length, (chunk_tokens or cfg.head_chunk_tokens) // batch))
+  pad = -length % steps
+  chunks = lambda x: jnp.moveaxis(
+      jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
+          (batch, -1, steps) + x.shape[2:]), 1, 0)  # [n, B, steps, ...]
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h, t = args
+    logits = model_lib.lm_head_logits(cfg, h, lm_head)
+    return token_logprobs_and_entropy(logits, t, temperature, vocab_limit)
+
+  logprobs, entropy = jax.lax.map(one_chunk, (chunks(hidden), chunks(tokens)))
+  unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :length]
+  return unchunk(logprobs), unchunk(entropy)
 
 
 def _gather(logprobs: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -109,6 +159,7 @@ def sample(logits: jax.Array, keys: jax.Array, config: SamplingConfig) -> jax.Ar
   Each row uses only its own key, so a row's token does not depend on the rest of the batch.
   """
   if config.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  masked = filter_logits(scaled_logits(logits, config.temperature), config.top_k, config.top_p)
+    return jnp.argmax(scaled_logits(logits, 0.0, config.vocab_limit), axis=-1).astype(jnp.int32)
+  masked = filter_logits(scaled_logits(logits, config.temperature, config.vocab_limit),
+                         config.top_k, config.top_p)
   return jax.vmap(jax.random.categorical)(keys, masked).astype(jnp.int32)

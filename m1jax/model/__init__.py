@@ -112,18 +112,22 @@ def positions_from_mask(token_mask: jax.Array | None, shape: tuple[int, int]) ->
 
 def forward(cfg: ModelConfig, params, tokens: jax.Array, *, token_mask: jax.Array | None = None,
             positions: jax.Array | None = None, cache: DecodeCache | None = None,
-            compute_logits: bool = True, return_hidden_states: bool = False) -> ModelOutput:
+            compute_logits: bool = True, return_hidden_states: bool = False,
+            fresh_cache: bool = False) -> ModelOutput:
   """Pure forward pass. tokens int32 [B, T]; token_mask [B, T] bool (False: padding).
 
   positions default to `positions_from_mask`; with a cache, pass the absolute positions of the new
-  tokens. With a cache, tokens are appended at cache.index (prefill: many tokens; decode: one).
+  tokens. With a cache, tokens are appended at cache.index (prefill: many tokens; decode: one);
+  fresh_cache=True says the cache is empty (a prefill at index 0), so the softmax layers attend
+  over the new tokens only (flash attention on GPU) instead of over the cache's slots.
   """
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [B, T]; got shape {tokens.shape}")
   if positions is None:
     positions = positions_from_mask(token_mask, tokens.shape)
   out = _module(cfg).apply({"params": params}, tokens, positions, token_mask, cache,
-                           compute_logits=compute_logits, return_hidden_states=return_hidden_states)
+                           compute_logits=compute_logits, return_hidden_states=return_hidden_states,
+                           fresh_cache=fresh_cache)
   return ModelOutput(logits=out.get("logits"), aux_loss=aux_loss(out["router_stats"]),
                      hidden=out["hidden"], router_stats=out["router_stats"],
                      cache=out.get("cache"), hidden_states=out.get("hidden_states"))

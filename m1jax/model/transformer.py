@@ -55,6 +55,7 @@ class DecoderLayer(nn.Module):
 
   cfg: ModelConfig
   is_lightning: bool
+  fresh_cache: bool = False  # see SoftmaxAttention
 
   @nn.compact
   def __call__(self, x, positions, token_mask, slope, lightning_state=None, kv_cache=None):
@@ -66,7 +67,8 @@ class DecoderLayer(nn.Module):
                                                                   lightning_state)
       alpha, beta = cfg.layernorm_linear_attention_alpha, cfg.layernorm_linear_attention_beta
     else:
-      attn_out, layer_cache = SoftmaxAttention(cfg, name="attn")(h, positions, token_mask, kv_cache)
+      attn_out, layer_cache = SoftmaxAttention(cfg, self.fresh_cache, name="attn")(
+          h, positions, token_mask, kv_cache)
       alpha, beta = cfg.layernorm_full_attention_alpha, cfg.layernorm_full_attention_beta
     x = (h if cfg.postnorm else x) * alpha + attn_out * beta
     h = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="post_attn_norm")(x)
@@ -92,6 +94,7 @@ class LayerGroup(nn.Module):
 
   cfg: ModelConfig
   return_hidden_states: bool = False
+  fresh_cache: bool = False
 
   @nn.compact
   def __call__(self, carry, xs, positions, token_mask, slot_mask, index):
@@ -106,7 +109,7 @@ class LayerGroup(nn.Module):
     all_stats, hidden = [], []
     rank = {True: 0, False: 0}
     for j, is_lightning in enumerate(kinds):
-      layer = layer_cls(cfg, is_lightning, name=f"layer_{j}")
+      layer = layer_cls(cfg, is_lightning, self.fresh_cache, name=f"layer_{j}")
       row = group * per_group[is_lightning] + rank[is_lightning]
       rank[is_lightning] += 1
       if is_lightning:
@@ -133,7 +136,8 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens, positions=None, token_mask=None, cache: DecodeCache | None = None,
-               compute_logits: bool = True, return_hidden_states: bool = False) -> dict[str, Any]:
+               compute_logits: bool = True, return_hidden_states: bool = False,
+               fresh_cache: bool = False) -> dict[str, Any]:
     cfg = self.cfg
     dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
     groups, period = cfg.num_layer_groups, cfg.layer_period
@@ -156,7 +160,7 @@ class Transformer(nn.Module):
                    length=groups, metadata_params={nn.PARTITION_NAME: "layers"})
     slopes = layer_slopes(cfg).reshape(groups, period, cfg.num_attention_heads)
     (x, states, keys, values), (stats, hidden) = scan(
-        cfg, return_hidden_states, name="layers")(
+        cfg, return_hidden_states, fresh_cache, name="layers")(
             carry, (jnp.arange(groups, dtype=jnp.int32), slopes), positions, token_mask,
             slot_mask, index)
 

@@ -51,6 +51,13 @@ class Context:
     return jax.process_index() == 0
 
   @property
+  def vocab_limit(self) -> int | None:
+    """The tokenizer's size when the model's vocabulary is padded beyond it (ids at or above are
+    never sampled nor scored), else None."""
+    size = self.tokenizer.vocab_size
+    return size if size < self.model_cfg.vocab_size else None
+
+  @property
   def batch_devices(self) -> int:
     return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
 

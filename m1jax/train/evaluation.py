@@ -25,7 +25,8 @@ def evaluate(ctx: Context, params, examples: list, max_prompt_len: int) -> dict[
   held-out examples, greedy decoding; eval/length: mean response length."""
   cfg = ctx.config.eval
   gen_cfg = generate.GenerateConfig(
-      max_new_tokens=cfg.max_new_tokens, sampling=generate.SamplingConfig(temperature=0.0),
+      max_new_tokens=cfg.max_new_tokens,
+      sampling=generate.SamplingConfig(temperature=0.0, vocab_limit=ctx.vocab_limit),
       eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id, repetition_window=0)
   batch_size = -(-cfg.batch_size // ctx.batch_devices) * ctx.batch_devices
   totals = {"reward": [], "accuracy": [], "length": []}

@@ -37,22 +37,24 @@ class RolloutBatch(NamedTuple):
 
 
 def response_logprobs(cfg: ModelConfig, params, sequences, sequence_mask, response_width: int,
-                      temperature: float):
+                      temperature: float, vocab_limit: int | None = None):
   """Teacher-forced log-probs and entropies of the last `response_width` tokens [N, L], computed
-  exactly as the sampler reports them (lm_head_dtype, temperature-scaled, full vocabulary)."""
-  out = model.forward(cfg, params, sequences, token_mask=sequence_mask)
+  exactly as the sampler reports them (lm_head_dtype, temperature-scaled, ids < vocab_limit),
+  the LM head in chunks (sampling.head_token_logprobs: no [N, L, V] logits)."""
+  out = model.forward(cfg, params, sequences, token_mask=sequence_mask, compute_logits=False)
   total = sequences.shape[1]
-  logits = out.logits[:, total - response_width - 1:total - 1]
+  hidden = out.hidden[:, total - response_width - 1:total - 1]
   targets = sequences[:, total - response_width:]
-  logprobs, entropy = sampling.token_logprobs_and_entropy(logits, targets, temperature)
+  logprobs, entropy = sampling.head_token_logprobs(cfg, hidden, params["lm_head"], targets,
+                                                   temperature, vocab_limit)
   return logprobs, entropy, out.aux_loss
 
 
 def rl_loss(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float, params,
-            batch: RolloutBatch):
+            batch: RolloutBatch, vocab_limit: int | None = None):
   width = batch.old_logprobs.shape[1]
   logprobs, entropy, aux = response_logprobs(cfg, params, batch.sequences, batch.sequence_mask,
-                                             width, temperature)
+                                             width, temperature, vocab_limit)
   loss, metrics = losses.policy_loss(logprobs, batch.old_logprobs, batch.advantages,
                                      batch.response_mask, loss_cfg, ref_logprobs=batch.ref_logprobs,
                                      entropy=entropy)
@@ -64,10 +66,11 @@ def rl_loss(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float, p
 
 def rl_update(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float,
               optimizer: optax.GradientTransformation, state: state_lib.TrainState,
-              batch: RolloutBatch):
-  """One pure optimizer step on a rollout minibatch -> (state, metrics)."""
+              batch: RolloutBatch, vocab_limit: int | None = None):
+  """One pure optimizer step on a rollout minibatch -> (state, metrics). vocab_limit: as the
+  sampler's SamplingConfig.vocab_limit."""
   (_, metrics), grads = jax.value_and_grad(rl_loss, argnums=3, has_aux=True)(
-      cfg, loss_cfg, temperature, state.params, batch)
+      cfg, loss_cfg, temperature, state.params, batch, vocab_limit)
   return state_lib.apply_gradients(optimizer, state, grads, metrics)
 
 
@@ -111,7 +114,7 @@ class Sampler:
     self.gen_cfg = generate.GenerateConfig(
         max_new_tokens=rl.max_new_tokens,
         sampling=generate.SamplingConfig(temperature=rl.temperature, top_k=rl.top_k,
-                                         top_p=rl.top_p),
+                                         top_p=rl.top_p, vocab_limit=ctx.vocab_limit),
         eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
         repetition_window=rl.repetition_window, repetition_prob=rl.repetition_prob)
 
@@ -202,11 +205,12 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
   ref_params = None
   if loss_cfg.kl_coef > 0:  # the reference policy is the starting point of this stage
     ref_params = init_params_fn(stage.shardings.params)
-  update = jax.jit(functools.partial(rl_update, ctx.model_cfg, loss_cfg, rl.temperature, optimizer),
+  update = jax.jit(functools.partial(rl_update, ctx.model_cfg, loss_cfg, rl.temperature, optimizer,
+                                     vocab_limit=ctx.vocab_limit),
                    in_shardings=(stage.shardings, None), out_shardings=(stage.shardings, None),
                    donate_argnums=0)
   ref_logprobs_fn = jax.jit(lambda p, s, m: response_logprobs(
-      ctx.model_cfg, p, s, m, rl.max_new_tokens, rl.temperature)[0])
+      ctx.model_cfg, p, s, m, rl.max_new_tokens, rl.temperature, ctx.vocab_limit)[0])
   sampler = Sampler(ctx, rl)
   eval_set = context.eval_examples(ctx)
   base_key = jax.random.key(ctx.config.seed)

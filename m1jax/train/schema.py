@@ -79,7 +79,8 @@ _OPTIONAL_FIELDS = {"moe_capacity_factor": float, "bos_token_id": int, "eos_toke
                     "segment_len": int, "state_num_stages": int}
 # With model.hf_dir, the architecture comes from the checkpoint and only these fields apply.
 COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lightning_impl", "lightning_kernel",
-                 "attention_impl", "moe_impl", "moe_capacity_factor", "remat_policy")
+                 "attention_impl", "moe_impl", "moe_gemm_impl", "moe_capacity_factor",
+                 "remat_policy")
 
 
 def _dataclass_fields(obj) -> ml_collections.ConfigDict:

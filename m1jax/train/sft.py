@@ -17,11 +17,14 @@ from m1jax.train.stage import Stage
 from m1jax.train.transfer import to_global
 
 
-def sft_loss(cfg: ModelConfig, params, tokens: jax.Array, loss_mask: jax.Array):
+def sft_loss(cfg: ModelConfig, params, tokens: jax.Array, loss_mask: jax.Array,
+             vocab_limit: int | None = None):
   """Mean next-token NLL over loss_mask tokens + router aux loss. tokens [B, T]; loss_mask [B, T]
-  (1 on demonstration tokens; token t is predicted from tokens < t)."""
-  out = model.forward(cfg, params, tokens)
-  logprobs = sampling.token_logprobs(out.logits[:, :-1], tokens[:, 1:], 1.0)
+  (1 on demonstration tokens; token t is predicted from tokens < t). vocab_limit: ids >= it are
+  outside the distribution (as the sampler's)."""
+  out = model.forward(cfg, params, tokens, compute_logits=False)
+  logprobs, _ = sampling.head_token_logprobs(cfg, out.hidden[:, :-1], params["lm_head"],
+                                             tokens[:, 1:], 1.0, vocab_limit)
   mask = loss_mask[:, 1:].astype(jnp.float32)
   count = jnp.maximum(jnp.sum(mask), 1.0)
   nll = -jnp.sum(logprobs * mask) / count
@@ -30,10 +33,10 @@ def sft_loss(cfg: ModelConfig, params, tokens: jax.Array, loss_mask: jax.Array):
 
 
 def sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: state_lib.TrainState,
-             tokens: jax.Array, loss_mask: jax.Array):
+             tokens: jax.Array, loss_mask: jax.Array, vocab_limit: int | None = None):
   """One pure optimizer step -> (state, metrics). Non-finite updates are skipped (see optimizer)."""
   (_, metrics), grads = jax.value_and_grad(sft_loss, argnums=1, has_aux=True)(
-      cfg, state.params, tokens, loss_mask)
+      cfg, state.params, tokens, loss_mask, vocab_limit)
   return state_lib.apply_gradients(optimizer, state, grads, metrics)
 
 
@@ -54,7 +57,8 @@ def train(ctx: context.Context) -> Stage:
   data_iter = iter(dataset)
   state = stage.restore_or_create(
       lambda: context.initial_params(ctx, stage.shardings.params), data_iter)
-  update = jax.jit(functools.partial(sft_step, ctx.model_cfg, optimizer),
+  update = jax.jit(functools.partial(sft_step, ctx.model_cfg, optimizer,
+                                     vocab_limit=ctx.vocab_limit),
                    in_shardings=(stage.shardings, None, None),
                    out_shardings=(stage.shardings, None),
                    donate_argnums=0)

@@ -46,6 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 import jax.numpy as jnp
 
+from pallas_kernels.platform import is_hopper
+
 _F32 = jnp.float32
 _HI = lax.Precision.HIGHEST
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -380,11 +382,6 @@ def _transpose_state(x):
 
 
 _MOSAIC_BLOCK = 64  # token block of the Mosaic GPU forward
-
-
-def is_hopper() -> bool:
-  """Whether the default device is a GPU of compute capability 9.x (the Mosaic forward's)."""
-  return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
 
 
 def _use_mosaic(q, config: KernelConfig, interpret: bool) -> bool:

@@ -123,3 +123,70 @@ def test_filter_logits_keeps_ties_and_the_top_token():
   np.testing.assert_array_equal(kept, [[True, True, True, False], [True, True, True, True]])
   kept = np.isfinite(generate.filter_logits(logits, top_p=1e-3))
   np.testing.assert_array_equal(kept, [[True, False, False, False], [True, False, False, False]])
+
+
+def test_head_token_logprobs_equal_the_unchunked_head():
+  """The chunked LM head + log-probs compute exactly token_logprobs_and_entropy of the head's
+  logits: bit for bit on each chunk's rows (the same ops on the same [B, steps] slice), and so
+  on the whole batch when one chunk covers it. Across chunk sizes the head's matmul sees other
+  row counts, whose blocking may round differently (Eigen on CPU does): float32, so 1e-6
+  relative. The backward recomputes each chunk's logits: the same gradients to 2e-5 (float32)."""
+  from m1jax import config, model  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(3), 3)
+  for head_dtype in ("float32", "bfloat16"):
+    cfg = config.preset("tiny", lm_head_dtype=head_dtype)
+    hidden = jax.random.normal(keys[0], (3, 7, cfg.hidden_size))
+    lm_head = jax.random.normal(keys[1], (cfg.hidden_size, cfg.vocab_size)) * 0.3
+    tokens = jax.random.randint(keys[2], (3, 7), 0, cfg.vocab_size)
+    unchunked = jax.jit(lambda h, w, t, limit: generate.token_logprobs_and_entropy(
+        model.lm_head_logits(cfg, h, w), t, 0.7, limit), static_argnums=3)
+    for limit in (None, 300):
+      whole = unchunked(hidden, lm_head, tokens, limit)
+      for chunk_tokens, steps in ((3, 1), (6, 2), (15, 5), (21, 7), (100, 7)):
+        got = jax.jit(lambda h, w: generate.head_token_logprobs(
+            cfg, h, w, tokens, 0.7, limit, chunk_tokens=chunk_tokens))(hidden, lm_head)
+        pad = -7 % steps  # the last chunk is padded to `steps` positions
+        padded = (jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))), jnp.pad(tokens, ((0, 0), (0, pad))))
+        for start in range(0, 7, steps):
+          part = slice(start, start + steps)
+          piece = unchunked(padded[0][:, part], lm_head, padded[1][:, part], limit)
+          np.testing.assert_array_equal(got[0][:, part], piece[0][:, :7 - start])
+          np.testing.assert_array_equal(got[1][:, part], piece[1][:, :7 - start])
+        if head_dtype == "float32":
+          tolerance = dict(rtol=1e-6)
+        else:
+          largest = float(jnp.max(jnp.abs(model.lm_head_logits(cfg, hidden, lm_head))))
+          tolerance = dict(rtol=0, atol=2 * 2**-8 * largest / 0.7)
+        np.testing.assert_allclose(got[0], whole[0], **tolerance)
+        np.testing.assert_allclose(got[1], whole[1], **tolerance)
+        if steps == 7:
+          np.testing.assert_array_equal(got[0], whole[0])
+        assert np.all(np.isfinite(got[1]))
+      if head_dtype != "float32":
+        continue  # gradients through a bf16 head are bf16-rounded: the float32 case checks them
+      loss = lambda fn: lambda h, w: jnp.sum(fn(h, w)[0]) + jnp.sum(fn(h, w)[1])
+      grad_want = jax.grad(loss(lambda h, w: unchunked(h, w, tokens, limit)),
+                           argnums=(0, 1))(hidden, lm_head)
+      grad_got = jax.grad(loss(lambda h, w: generate.head_token_logprobs(
+          cfg, h, w, tokens, 0.7, limit, chunk_tokens=6)), argnums=(0, 1))(hidden, lm_head)
+      for g, w in zip(grad_got, grad_want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(w))))
+
+
+def test_vocab_limit_is_never_sampled_and_excluded_from_logprobs():
+  logits = jnp.tile(jnp.arange(10, dtype=jnp.float32), (256, 1))  # the highest ids most likely
+  keys = jax.random.split(jax.random.key(0), 256)
+  for config in (generate.SamplingConfig(1.0, vocab_limit=6),
+                 generate.SamplingConfig(0.0, vocab_limit=6),
+                 generate.SamplingConfig(2.0, top_k=8, vocab_limit=6)):
+    tokens = generate.sample(logits, keys, config)
+    assert int(tokens.max()) <= 5
+  assert int(generate.sample(logits, keys, generate.SamplingConfig(0.0)).max()) == 9
+  logprobs = jax.nn.log_softmax(logits[0, :6])
+  got = generate.token_logprobs(logits[:1], jnp.array([5]), 1.0, vocab_limit=6)
+  np.testing.assert_allclose(got, logprobs[5:6], rtol=1e-6)
+  # Ids at or above the limit have probability 0 (log-prob -inf).
+  assert float(generate.token_logprobs(logits[:1], jnp.array([7]), 1.0, vocab_limit=6)[0]) == (
+      -np.inf)
+  with pytest.raises(ValueError, match="vocab_limit"):
+    generate.SamplingConfig(vocab_limit=0)

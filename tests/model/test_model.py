@@ -206,3 +206,50 @@ def test_decay_slopes_match_the_formula():
   decays = np.exp(-np.asarray(decay_slopes(64, 0, 80)))
   assert (decays.min() == pytest.approx(0.400, abs=1e-3)
           and decays.max() == pytest.approx(0.9961, abs=1e-4))
+
+
+def test_packed_attention_equals_the_masked_reference():
+  """The flash-attention path for padded rows (rotate each row to start at its first real token,
+  attend with sequence lengths, rotate back) equals masked attention at every real position.
+  Here with XLA's implementation of sequence lengths (cuDNN's on a GPU: the gpu test of the
+  model); float32, summation order only: 1e-6."""
+  from m1jax.model import attention  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(0), 3)
+  b, t, h, kv, d = 4, 13, 4, 2, 8
+  q = jax.random.normal(keys[0], (b, t, h, d))
+  k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+  starts, ends = jnp.array([0, 3, 5, 0]), jnp.array([13, 13, 11, 9])  # left and right padding
+  mask = (jnp.arange(t)[None] >= starts[:, None]) & (jnp.arange(t)[None] < ends[:, None])
+  want = attention.causal_attention(q, k, v, mask, d ** -0.5, "xla")
+  got = attention._packed_attention(q, k, v, mask, d ** -0.5, "xla")  # pylint: disable=protected-access
+  assert np.all(np.isfinite(got))
+  real = np.asarray(mask)[:, :, None, None]
+  np.testing.assert_allclose(np.where(real, got, 0), np.where(real, want, 0), atol=1e-6, rtol=0)
+
+
+@pytest.mark.gpu
+def test_gpu_cudnn_packed_attention_equals_xla_masked():
+  """cuDNN flash attention on left- and right-padded rows (the RL batches) vs XLA's masked
+  attention, bf16 inputs: outputs rounded to bf16 (2^-8 relative) after float32 accumulation
+  in another order, so 1e-2 of the largest output; gradients likewise."""
+  from m1jax.model import attention  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(1), 4)
+  b, t, h, kv, d = 4, 300, 8, 2, 128
+  q = jax.random.normal(keys[0], (b, t, h, d), jnp.bfloat16)
+  k, v, do = (jax.random.normal(key, shape, jnp.bfloat16)
+              for key, shape in zip(keys[1:], ((b, t, kv, d), (b, t, kv, d), (b, t, h, d))))
+  starts, ends = jnp.array([0, 37, 100, 0]), jnp.array([300, 300, 250, 64])
+  mask = (jnp.arange(t)[None] >= starts[:, None]) & (jnp.arange(t)[None] < ends[:, None])
+  real = np.asarray(mask)[:, :, None, None]
+  do = jnp.where(real, do, 0)  # in the model nothing downstream reads padded positions
+
+  def run(impl):
+    out, vjp = jax.vjp(lambda q, k, v: attention.causal_attention(q, k, v, mask, d ** -0.5, impl),
+                       q, k, v)
+    return (out, *vjp(do))
+
+  want, got = jax.jit(lambda: run("xla"))(), jax.jit(lambda: run("cudnn"))()
+  for name, g, w in zip(("o", "dq", "dk", "dv"), got, want):
+    g = np.where(real, np.asarray(g, np.float32), 0)
+    w = np.where(real, np.asarray(w, np.float32), 0)
+    assert np.abs(g - w).max() <= 1e-2 * np.abs(w).max(), name

@@ -256,3 +256,26 @@ def test_dynamic_sampling_pads_with_zero_weight_filler_rows():
                                              jax.random.key(0), rl)
   assert got.tokens[:, 0].tolist() == [0, 1, 2, 3, 4, 5] and weights.sum() == 6
   assert metrics["sampling_rounds"] == 1
+
+
+def test_sampler_and_trainer_mask_the_same_padded_vocabulary():
+  """A model vocabulary padded beyond the tokenizer's: the sampler never emits the padded ids,
+  and the trainer's log-probs of the samples, with the same vocab_limit, equal the sampler's
+  (float32: summation order only, 1e-5); without the limit they would not."""
+  from m1jax import config, generate  # pylint: disable=g-import-not-at-top
+  cfg = config.preset("tiny", dtype="float32", num_hidden_layers=2, attn_type_list=(0, 1))
+  params = dict(model.init(cfg, jax.random.key(0)))
+  params["lm_head"] = params["lm_head"] * 40.0
+  limit = 300
+  gen = generate.GenerateConfig(max_new_tokens=12, repetition_window=0, eos_token_ids=(),
+                                sampling=generate.SamplingConfig(1.0, vocab_limit=limit))
+  out = generate.generate(cfg, params, [[1, 5, 7], [2, 9, 9, 9, 4]], gen, key=jax.random.key(1))
+  assert int(out.tokens.max()) < limit
+  mask = np.asarray(out.completion_mask)
+  logprobs, entropy, _ = rl_trainer.response_logprobs(cfg, params, out.sequences,
+                                                      out.sequence_mask, 12, 1.0, limit)
+  np.testing.assert_allclose(np.where(mask, logprobs, 0), out.logprobs, atol=1e-5, rtol=0)
+  assert np.all(np.isfinite(entropy))
+  unmasked, _, _ = rl_trainer.response_logprobs(cfg, params, out.sequences, out.sequence_mask,
+                                                12, 1.0)
+  assert np.abs(np.where(mask, unmasked, 0) - out.logprobs).max() > 1e-2
