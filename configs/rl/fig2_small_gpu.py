@@ -5,7 +5,9 @@ addition, 64 prompts x 16 samples per step.
       --out_dir=results/fig2_gpu --rl_steps=200 --eval_every=20 --workers=1
   python -m experiments.train --config=configs/rl/fig2_small_gpu.py --workdir=workdirs/fig2_gpu
 
-The second command trains one SFT + CISPO run. Not yet run on a GPU (no timing to quote).
+The second command trains one SFT + CISPO run. The model's 32768 ids exceed the byte
+tokenizer's 264: the sampler and the trainer mask the rest (SamplingConfig.vocab_limit). Not yet
+run on a GPU (no timing to quote).
 """
 
 from configs import common
@@ -18,6 +20,9 @@ def get_config():
   c.task.kwargs.max_digits = 4
   c.sft.steps = 600
   c.sft.batch_size = 128
+  # The longest 1-4 digit example is 56 byte tokens (BOS + prompt + worked answer + EOS; its
+  # prompt 11): the limits below hold every example.
+  c.sft.max_len = 64
   c.sft.optimizer.learning_rate = 3e-4
   c.sft.optimizer.warmup_steps = 50
   c.rl.prompts_per_step = 64

@@ -58,6 +58,11 @@ class GenerateConfig:
   pad_multiple: list prompts are left-padded to a multiple of this width, so that calls with
     similar prompt lengths share a compiled program.
   kv_dtype: softmax KV cache dtype name (None: cfg.dtype).
+  slots: 0 decodes the whole batch together until its longest row ends. > 0 keeps that many
+    decode slots busy: when rows finish, the next pending prompts are prefilled into their slots
+    (continuous batching), so a long-tailed batch does not wait on its longest row.
+  refill_rows: with slots, how many prompts one refill prefills (0: a quarter of the slots);
+    a refill runs once that many slots are free (or fewer prompts remain, or none is decoding).
   """
 
   max_new_tokens: int = 256
@@ -69,6 +74,8 @@ class GenerateConfig:
   repetition_prob: float = 0.99
   pad_multiple: int = 32
   kv_dtype: str | None = None
+  slots: int = 0
+  refill_rows: int = 0
 
   def __post_init__(self):
     if self.eos_token_ids is not None:
@@ -84,6 +91,12 @@ class GenerateConfig:
     if not 0 <= self.repetition_prob < 1:
       raise ValueError(
           f"GenerateConfig.repetition_prob={self.repetition_prob!r}: must be in [0, 1)")
+    for name in ("slots", "refill_rows"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"GenerateConfig.{name}={value!r}: must be an integer >= 0")
+    if self.slots and self.refill_rows > self.slots:
+      raise ValueError(f"GenerateConfig.refill_rows={self.refill_rows} exceeds slots={self.slots}")
     if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
       raise ValueError(f"GenerateConfig.kv_dtype={self.kv_dtype!r}: must be None or one of "
                        f"{sorted(DTYPES)}")
@@ -119,6 +132,8 @@ class GenerateOutput(NamedTuple):
   prompt_tokens: jax.Array  # int32 [B, P]: left-padded prompts (pad_id in padding)
   prompt_mask: jax.Array  # bool [B, P]: True on prompt tokens
   prompt_lengths: jax.Array  # int32 [B]
+  slot_steps: jax.Array  # int32 []: decode steps x decode slots (rows of the batch, or slots)
+  finished_slot_steps: jax.Array  # int32 []: of those, steps of slots with no unfinished row
 
   @property
   def completion_mask(self) -> jax.Array:
@@ -186,31 +201,48 @@ def _left_align(tokens, mask, pad_id):
   return tokens, mask
 
 
+def _stop_rules(cfg: ModelConfig, gen: GenerateConfig) -> dict[str, Any]:
+  return dict(eos_ids=gen.resolved_eos(cfg), stop_ids=gen.stop_token_ids,
+              max_new_tokens=gen.max_new_tokens, repetition_window=gen.repetition_window,
+              repetition_prob=gen.repetition_prob)
+
+
+def _sample_step(gen: GenerateConfig, logits, row_keys, steps, active):
+  """Token `steps` of every row: (token [B], logprob [B]), pad_id / 0 on inactive rows."""
+  step_keys = jax.vmap(jax.random.fold_in)(row_keys, steps)
+  token = sampling.sample(logits, step_keys, gen.sampling)
+  logprob = sampling.token_logprobs(logits, token, gen.sampling.temperature,
+                                    gen.sampling.vocab_limit)
+  return jnp.where(active, token, gen.pad_id), jnp.where(active, logprob, 0.0)
+
+
+def _prefill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, length: int):
+  """Prefill of left-aligned prompts [B, P] into a fresh cache of `length` slots -> (logits of
+  the last position [B, V], the cache after the prompt)."""
+  kv_dtype = None if gen.kv_dtype is None else DTYPES[gen.kv_dtype]
+  cache = model.init_cache(cfg, tokens.shape[0], length, kv_dtype)
+  prefill = model.forward(cfg, params, tokens, token_mask=mask,
+                          positions=model.positions_from_mask(mask, tokens.shape), cache=cache,
+                          fresh_cache=True, compute_logits=False)
+  logits = model.lm_head_logits(cfg, prefill.hidden[:, -1:], params["lm_head"])[:, 0]
+  return logits, prefill.cache
+
+
 def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, row_ids):
   """The jitted program. tokens int32 [B, P]; mask bool [B, P]; key: PRNG key; row_ids int32 [B]."""
+  params = model.compute_params(cfg, params)  # 16-bit weights read at every decode step
   batch, prompt_width = tokens.shape
   n = gen.max_new_tokens
   tokens, mask = _left_align(tokens, mask, gen.pad_id)
   prompt_lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
-  kv_dtype = None if gen.kv_dtype is None else DTYPES[gen.kv_dtype]
-  cache = model.init_cache(cfg, batch, prompt_width + n - 1, kv_dtype)
-  prefill = model.forward(cfg, params, tokens, token_mask=mask,
-                          positions=model.positions_from_mask(mask, tokens.shape), cache=cache,
-                          fresh_cache=True, compute_logits=False)
-  logits = model.lm_head_logits(cfg, prefill.hidden[:, -1:], params["lm_head"])[:, 0]  # [B, V]
+  logits, cache = _prefill(cfg, gen, params, tokens, mask, prompt_width + n - 1)
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
-  stop_rules = dict(eos_ids=gen.resolved_eos(cfg), stop_ids=gen.stop_token_ids, max_new_tokens=n,
-                    repetition_window=gen.repetition_window, repetition_prob=gen.repetition_prob)
+  stop_rules = _stop_rules(cfg, gen)
 
   def record(state: _LoopState, logits) -> _LoopState:
     """Samples token `state.step` of every unfinished row and applies the stop rules."""
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, state.step)
-    token = sampling.sample(logits, step_keys, gen.sampling)
-    logprob = sampling.token_logprobs(logits, token, gen.sampling.temperature,
-                                      gen.sampling.vocab_limit)
     active = ~state.done
-    token = jnp.where(active, token, gen.pad_id)
-    logprob = jnp.where(active, logprob, 0.0)
+    token, logprob = _sample_step(gen, logits, row_keys, jnp.full((batch,), state.step), active)
     run, stops, reason = stop_update(token, logprob, state.run, state.step, **stop_rules)
     finishing = active & stops
     return state._replace(
@@ -235,14 +267,150 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
       step=jnp.zeros((), jnp.int32), tokens=jnp.full((batch, n), gen.pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32), lengths=jnp.zeros((batch,), jnp.int32),
       finish_reasons=jnp.full((batch,), FinishReason.LENGTH, jnp.int32),
-      done=jnp.zeros((batch,), bool), run=jnp.zeros((batch,), jnp.int32), cache=prefill.cache)
+      done=jnp.zeros((batch,), bool), run=jnp.zeros((batch,), jnp.int32), cache=cache)
   state = jax.lax.while_loop(keep_going, decode, record(state, logits))
+  slot_steps = (state.step - 1) * batch  # decode steps after the prefill's token
   return GenerateOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
                         finish_reasons=state.finish_reasons, prompt_tokens=tokens, prompt_mask=mask,
-                        prompt_lengths=prompt_lengths)
+                        prompt_lengths=prompt_lengths, slot_steps=slot_steps,
+                        finished_slot_steps=slot_steps - jnp.sum(state.lengths - 1))
+
+
+class _RefillState(NamedTuple):
+  """The slot-refill loop. S slots decode rows of R prompts; the cache is a ring of P + N slots
+  per row, written at one shared column (cache.index) per step."""
+  prompt: jax.Array  # int32 [S]: the prompt a slot decodes (R: none)
+  step: jax.Array  # int32 [S]: index of the slot's next token
+  last: jax.Array  # int32 [S]: the slot's last sampled token (fed at the next step)
+  run: jax.Array  # int32 [S]: repetition run of the slot's row
+  active: jax.Array  # bool [S]: the slot's row is unfinished
+  pending: jax.Array  # int32 []: the next prompt not yet prefilled
+  tokens: jax.Array  # [R + 1, N] (row R: a sink for writes of idle slots)
+  logprobs: jax.Array  # [R + 1, N]
+  lengths: jax.Array  # [R + 1]
+  finish_reasons: jax.Array  # [R + 1]
+  slot_steps: jax.Array  # int32 []
+  finished_slot_steps: jax.Array  # int32 []
+  cache: Any  # model.DecodeCache of S rows
+
+
+def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, row_ids):
+  """Continuous batching: gen.slots decode slots, refilled from the R prompts as rows finish.
+
+  Every row samples exactly as in `_generate` (its row key, its own step count, its own
+  positions), so each prompt's output equals generating it alone with the same row id (to
+  floating-point summation order).
+  """
+  params = model.compute_params(cfg, params)
+  num_prompts, width = tokens.shape
+  n, slots = gen.max_new_tokens, gen.slots
+  refill = gen.refill_rows or max(1, slots // 4)
+  ring = width + n  # a row lives at most width + n - 1 slots: the ring never wraps onto it
+  tokens, mask = _left_align(tokens, mask, gen.pad_id)
+  prompt_lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
+  stop_rules = _stop_rules(cfg, gen)
+  sink = num_prompts
+
+  def record(state: _RefillState, logits, rows: jax.Array, who: jax.Array) -> _RefillState:
+    """Samples the next token of the slots `rows` [K] decoding prompts `who` [K] (R where a
+    slot has nothing to do: nothing is written for it)."""
+    live = who < num_prompts
+    prompt = jnp.minimum(who, num_prompts - 1)
+    slot = jnp.where(live, rows, slots)  # writes of dead rows are dropped
+    step = state.step[jnp.minimum(rows, slots - 1)]
+    token, logprob = _sample_step(gen, logits, row_keys[prompt], step, live)
+    run, stops, reason = stop_update(token, logprob, state.run[jnp.minimum(rows, slots - 1)],
+                                     step, **stop_rules)
+    finishing = live & stops
+    target = jnp.where(live, who, sink)
+    column = jnp.minimum(step, n - 1)  # in range also for dead rows (their writes: the sink)
+    return state._replace(
+        tokens=state.tokens.at[target, column].set(token),
+        logprobs=state.logprobs.at[target, column].set(logprob),
+        lengths=state.lengths.at[target].set(step + 1),
+        finish_reasons=state.finish_reasons.at[target].set(
+            jnp.where(finishing, reason, FinishReason.LENGTH)),
+        step=state.step.at[slot].set(step + 1, mode="drop"),
+        last=state.last.at[slot].set(token, mode="drop"),
+        run=state.run.at[slot].set(run, mode="drop"),
+        active=state.active.at[slot].set(~finishing, mode="drop"))
+
+  def fill(state: _RefillState, count: int) -> _RefillState:
+    """Prefills up to `count` pending prompts into free slots (the first ones) and samples
+    their first tokens."""
+    free = ~state.active
+    rows = jnp.nonzero(free, size=count, fill_value=slots)[0]  # slot of each new row
+    who = state.pending + jnp.arange(count)
+    take = (rows < slots) & (who < num_prompts)
+    who = jnp.where(take, who, num_prompts)
+    safe = jnp.minimum(who, num_prompts - 1)
+    logits, small = _prefill(cfg, gen, params, tokens[safe], mask[safe] & take[:, None], width)
+    cache = state.cache
+    columns = (cache.index - width + jnp.arange(width)) % ring  # the prompt ends before index
+    rows_ok = jnp.where(take, rows, slots)  # dropped writes for rows not taken
+    cache = cache.replace(
+        lightning_states=cache.lightning_states.at[:, rows_ok].set(small.lightning_states,
+                                                                   mode="drop"),
+        keys=cache.keys.at[:, rows_ok[:, None], columns[None, :]].set(
+            small.keys.astype(cache.keys.dtype), mode="drop"),
+        values=cache.values.at[:, rows_ok[:, None], columns[None, :]].set(
+            small.values.astype(cache.values.dtype), mode="drop"),
+        slot_mask=cache.slot_mask.at[rows_ok].set(False, mode="drop")
+        .at[rows_ok[:, None], columns[None, :]].set(mask[safe] & take[:, None], mode="drop"))
+    state = state._replace(
+        cache=cache, pending=state.pending + jnp.sum(take, dtype=jnp.int32),
+        prompt=state.prompt.at[rows_ok].set(who, mode="drop"),
+        step=state.step.at[rows_ok].set(0, mode="drop"),
+        run=state.run.at[rows_ok].set(0, mode="drop"))
+    return record(state, logits, rows_ok, who)
+
+  def decode(state: _RefillState) -> _RefillState:
+    """Feeds every active slot's last token and samples its next one."""
+    active = state.active
+    safe = jnp.minimum(state.prompt, num_prompts - 1)
+    positions = (prompt_lengths[safe] + state.step - 1)[:, None]
+    out = model.forward(cfg, params, state.last[:, None], token_mask=active[:, None],
+                        positions=positions, cache=state.cache)
+    cache = out.cache.replace(index=out.cache.index % ring)
+    busy = jnp.sum(active, dtype=jnp.int32)
+    state = state._replace(cache=cache, slot_steps=state.slot_steps + slots,
+                           finished_slot_steps=state.finished_slot_steps + slots - busy)
+    return record(state, out.logits[:, 0], jnp.arange(slots),
+                  jnp.where(active, state.prompt, num_prompts))
+
+  def step(state: _RefillState) -> _RefillState:
+    free = slots - jnp.sum(state.active)
+    remaining = num_prompts - state.pending
+    due = (remaining > 0) & ((free >= jnp.minimum(refill, remaining)) | ~jnp.any(state.active))
+    state = jax.lax.cond(due, lambda s: fill(s, refill), lambda s: s, state)
+    return jax.lax.cond(jnp.any(state.active), decode, lambda s: s, state)
+
+  def keep_going(state: _RefillState):
+    return jnp.any(state.active) | (state.pending < num_prompts)
+
+  kv_dtype = None if gen.kv_dtype is None else DTYPES[gen.kv_dtype]
+  state = _RefillState(
+      prompt=jnp.full((slots,), num_prompts, jnp.int32), step=jnp.zeros((slots,), jnp.int32),
+      last=jnp.full((slots,), gen.pad_id, jnp.int32), run=jnp.zeros((slots,), jnp.int32),
+      active=jnp.zeros((slots,), bool), pending=jnp.zeros((), jnp.int32),
+      tokens=jnp.full((num_prompts + 1, n), gen.pad_id, jnp.int32),
+      logprobs=jnp.zeros((num_prompts + 1, n), jnp.float32),
+      lengths=jnp.zeros((num_prompts + 1,), jnp.int32),
+      finish_reasons=jnp.full((num_prompts + 1,), FinishReason.LENGTH, jnp.int32),
+      slot_steps=jnp.zeros((), jnp.int32), finished_slot_steps=jnp.zeros((), jnp.int32),
+      cache=model.init_cache(cfg, slots, ring, kv_dtype))
+  state = fill(state, slots)  # the first prompts into every slot
+  state = jax.lax.while_loop(keep_going, step, state)
+  return GenerateOutput(tokens=state.tokens[:-1], logprobs=state.logprobs[:-1],
+                        lengths=state.lengths[:-1], finish_reasons=state.finish_reasons[:-1],
+                        prompt_tokens=tokens, prompt_mask=mask, prompt_lengths=prompt_lengths,
+                        slot_steps=state.slot_steps,
+                        finished_slot_steps=state.finished_slot_steps)
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
+_generate_refill_jit = jax.jit(_generate_refill, static_argnums=(0, 1))
 
 
 def _pack_prompts(prompts: Sequence[Sequence[int]], pad_multiple: int, pad_id: int):
@@ -342,5 +510,6 @@ def generate(cfg: ModelConfig, params, prompts, config: GenerateConfig | None = 
   row_ids = row_ids.astype(jnp.int32)
   if row_ids.shape != (batch,):
     raise ValueError(f"row_ids: expected shape ({batch},); got {row_ids.shape}")
-  return _generate_jit(cfg, config, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), key,
-                       row_ids)
+  program = _generate_refill_jit if config.slots else _generate_jit
+  return program(cfg, config, params, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask), key,
+                 row_ids)

@@ -17,8 +17,8 @@ from m1jax.config import ModelConfig
 from m1jax.model.moe import RouterStats, aux_loss
 from m1jax.model.transformer import DecodeCache, Transformer, init_cache, lm_head_logits
 
-__all__ = ["ModelOutput", "DecodeCache", "init", "abstract_params", "forward", "init_cache",
-           "layer_params", "logical_axes", "param_counts", "lm_head_logits", "positions_from_mask"]
+__all__ = ["ModelOutput", "DecodeCache", "init", "abstract_params", "compute_params", "forward",
+           "init_cache", "layer_params", "logical_axes", "param_counts", "lm_head_logits", "positions_from_mask"]
 
 
 class ModelOutput(NamedTuple):
@@ -88,6 +88,19 @@ def init(cfg: ModelConfig, key: jax.Array, shardings=None) -> dict[str, Any]:
   if shardings is None:
     return jax.tree.map(jnp.asarray, values)
   return jax.tree.map(jax.device_put, values, shardings)
+
+
+def compute_params(cfg: ModelConfig, params) -> dict[str, Any]:
+  """params cast once to the dtype the forward uses each in: cfg.dtype for the embedding, the
+  weights and the norm scales, cfg.lm_head_dtype for the LM head; the MoE routers stay as they
+  are (routing is float32). The forward casts each use anyway, so forward(compute_params(p))
+  equals forward(p) bit for bit; a decode loop given them reads 16-bit weights at every step."""
+  def cast(path, leaf):
+    names = [getattr(k, "key", None) for k in path]
+    if names[-1] == "router":
+      return leaf
+    return leaf.astype(cfg.jnp_lm_head_dtype if names[-1] == "lm_head" else cfg.jnp_dtype)
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def layer_params(cfg: ModelConfig, params, layer: int) -> dict[str, Any]:

@@ -100,9 +100,12 @@ class SoftmaxAttention(nn.Module):
     if kv_cache is None or self.fresh_cache:
       o = causal_attention(q, k, v, token_mask, scale, _implementation(cfg, dtype))
     else:
-      t, s = h.shape[1], keys.shape[2]
-      causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
-      mask = slot_mask[:, None, None, :] & causal[None, None]
+      if h.shape[1] == 1:  # decode: every filled slot is in the past (the cache may be a ring)
+        mask = slot_mask[:, None, None, :]
+      else:
+        t, s = h.shape[1], keys.shape[2]
+        causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
+        mask = slot_mask[:, None, None, :] & causal[None, None]
       o = jax.nn.dot_product_attention(q, keys[layer].astype(dtype), values[layer].astype(dtype),
                                        mask=mask, scale=scale, implementation="xla")
     out = common.matmul("bthd,hde->bte", o, w_o, dtype)

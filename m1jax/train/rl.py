@@ -6,7 +6,9 @@ mu off-policy minibatch updates (old log-probs from the sampler) -> metrics.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import time
 from typing import NamedTuple
 
 import jax
@@ -106,6 +108,30 @@ def _concat(parts: list[Rollouts]) -> Rollouts:
   return Rollouts(*(np.concatenate(xs, axis=0) for xs in zip(*parts)))
 
 
+class StepStats:
+  """What one RL step measures about itself: wall seconds per named phase, summed over its uses
+  (`with stats("update"):`; each phase ends with its device work: a host transfer), and counts
+  summed over the step (`stats.add("slot_steps", n)`)."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+    self.counts: dict[str, float] = {}
+
+  @contextlib.contextmanager
+  def __call__(self, phase: str):
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+  def add(self, name: str, value) -> None:
+    self.counts[name] = self.counts.get(name, 0.0) + float(value)
+
+  def metrics(self) -> dict[str, float]:
+    return {f"time/{phase}": s for phase, s in self.seconds.items()}
+
+
 class Sampler:
   """Generates and scores G responses for each prompt of a PromptBatch."""
 
@@ -116,17 +142,24 @@ class Sampler:
         sampling=generate.SamplingConfig(temperature=rl.temperature, top_k=rl.top_k,
                                          top_p=rl.top_p, vocab_limit=ctx.vocab_limit),
         eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
-        repetition_window=rl.repetition_window, repetition_prob=rl.repetition_prob)
+        repetition_window=rl.repetition_window, repetition_prob=rl.repetition_prob,
+        slots=rl.decode_slots, refill_rows=rl.refill_rows)
 
-  def __call__(self, params, batch: pipeline.PromptBatch, key) -> Rollouts:
+  def __call__(self, params, batch: pipeline.PromptBatch, key,
+               timer: StepStats | None = None) -> Rollouts:
+    timer = timer or StepStats()
     g = self.rl.samples_per_prompt
     tokens = np.repeat(batch.tokens, g, axis=0)
     mask = np.repeat(batch.mask, g, axis=0)
     examples = [e for e in batch.examples for _ in range(g)]
-    out = generate.generate(self.ctx.model_cfg, params, to_global(tokens, self.ctx.mesh),
-                            self.gen_cfg, prompt_mask=to_global(mask, self.ctx.mesh), key=key)
-    completions, lengths = to_host(out.tokens), to_host(out.lengths)
-    reward, correct = evaluation.score(self.ctx, completions, examples, lengths)
+    with timer("generate"):
+      out = generate.generate(self.ctx.model_cfg, params, to_global(tokens, self.ctx.mesh),
+                              self.gen_cfg, prompt_mask=to_global(mask, self.ctx.mesh), key=key)
+      completions, lengths = to_host(out.tokens), to_host(out.lengths)
+    timer.add("slot_steps", to_host(out.slot_steps))
+    timer.add("finished_slot_steps", to_host(out.finished_slot_steps))
+    with timer("score"):
+      reward, correct = evaluation.score(self.ctx, completions, examples, lengths)
     overlong = self.rl.overlong
     if overlong.enabled:
       reward = reward + np.asarray(advantages_lib.overlong_penalty(
@@ -135,16 +168,20 @@ class Sampler:
                     to_host(out.finish_reasons), reward.astype(np.float32), correct)
 
 
-def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.ConfigDict):
+def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.ConfigDict,
+            timer: StepStats | None = None):
   """Samples until `prompts_per_step` groups with non-zero reward variance are found (dynamic
   sampling) or `max_sampling_rounds` batches were generated. Returns (rollouts of B*G rows,
   row weights [B*G] (0 on unfilled rows), metrics)."""
   b, g = rl.prompts_per_step, rl.samples_per_prompt
-  kept, first, rounds = [], None, 0
+  kept, first, rounds, generated = [], None, 0, 0
   while rounds < rl.max_sampling_rounds and sum(len(k.rewards) for k in kept) < b * g:
-    rollouts = sampler(params, next(prompt_iter), jax.random.fold_in(key, rounds))
+    rollouts = (sampler(params, next(prompt_iter), jax.random.fold_in(key, rounds))
+                if timer is None else
+                sampler(params, next(prompt_iter), jax.random.fold_in(key, rounds), timer))
     first = first or rollouts
     rounds += 1
+    generated += int(np.sum(rollouts.lengths))
     if not rl.dynamic_sampling:
       kept = [rollouts]
       break
@@ -170,7 +207,12 @@ def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.Confi
       "truncated_length": float(np.sum(reasons == generate.FinishReason.LENGTH) / n),
       "truncated_repetition": float(np.sum(reasons == generate.FinishReason.REPETITION) / n),
       "sampling_rounds": float(rounds),
+      "generated_tokens": float(generated),
       "filled_groups_frac": rows / (b * g),
+      # The static batch decodes every row until its longest one: the share of those slot-steps
+      # spent on rows that had already finished.
+      "finished_slot_share": float(1 - np.sum(first.lengths)
+                                   / max(first.lengths.size * np.max(first.lengths), 1)),
   }
   return got, weights, metrics
 
@@ -180,6 +222,7 @@ PANELS = {
     "response length": ("response_length",),
     "clip / IS weights": ("clip_frac_high", "clip_frac_low", "is_weight_mean", "is_weight_max"),
     "optimisation": ("grad_norm", "entropy_mean", "approx_kl_k3"),
+    "seconds per step": ("time/generate", "time/score", "time/update", "time/eval"),
 }
 
 
@@ -232,20 +275,34 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
                          ref)
 
   def step_fn(state, step):
+    timer = StepStats()
     key = jax.random.fold_in(base_key, step)
     rollouts, weights, metrics = collect(sampler, state.params, prompt_iter,
-                                         jax.random.fold_in(key, 0), rl)
-    advantages = compute_advantages(rl.advantage, rollouts.rewards, group_ids, b)
+                                         jax.random.fold_in(key, 0), rl, timer)
+    with timer("advantages"):
+      advantages = compute_advantages(rl.advantage, rollouts.rewards, group_ids, b)
     update_metrics = []
-    for batch in minibatches(rollouts, weights, advantages, jax.random.fold_in(key, 1)):
-      state, m = update(state, batch)
-      update_metrics.append(jax.device_get(m))
+    with timer("update"):
+      for batch in minibatches(rollouts, weights, advantages, jax.random.fold_in(key, 1)):
+        state, m = update(state, batch)
+        update_metrics.append(jax.device_get(m))
     metrics.update({k: float(np.mean([float(m[k]) for m in update_metrics]))
                     for k in update_metrics[0]})
     metrics["advantage_abs_mean"] = float(np.mean(np.abs(advantages) * weights))
+    metrics.update(timer.metrics())
+    metrics["time/generated_tokens_per_s"] = (metrics["generated_tokens"]
+                                              / max(timer.seconds["generate"], 1e-9))
+    metrics["time/trained_tokens_per_s"] = (
+        float(np.sum(rollouts.lengths * (weights > 0))) / max(timer.seconds["update"], 1e-9))
     return state, metrics
 
-  stage.run(state, prompt_iter, step_fn, panels=PANELS, postfix=("reward", "loss"),
-            updates_per_step=mu,
-            evaluate=lambda params: evaluation.evaluate(ctx, params, eval_set, rl.max_prompt_len))
+  def evaluate(params):
+    timer = StepStats()
+    with timer("eval"):
+      results = evaluation.evaluate(ctx, params, eval_set, rl.max_prompt_len)
+    return {**results, **timer.metrics()}
+
+  stage.run(state, prompt_iter, step_fn, panels=PANELS,
+            postfix=("reward", "loss", "time/generate", "time/update"), updates_per_step=mu,
+            evaluate=evaluate)
   return stage

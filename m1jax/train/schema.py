@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
       advantage="grpo",
       dynamic_sampling=True,  # drop groups whose rewards are all equal, refill from new prompts
       max_sampling_rounds=4,  # generation batches tried per step to fill the batch
+      decode_slots=0,  # 0: decode the batch together; > 0: that many slots, refilled as rows end
+      refill_rows=0,  # with decode_slots: prompts prefilled per refill (0: a quarter of the slots)
       repetition_window=3000,  # M1 early truncation: stop after this many tokens with p > prob
       repetition_prob=0.99,
       init_from="",  # checkpoint dir of an SFT run; default: this run's SFT stage (mode sft_rl)
@@ -209,6 +211,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   require(r.top_k >= 0, "rl.top_k", "must be >= 0 (0: off)")
   require(r.advantage in ADVANTAGES, "rl.advantage", f"must be one of {ADVANTAGES}")
   require(r.max_sampling_rounds >= 1, "rl.max_sampling_rounds", "must be >= 1")
+  require(r.decode_slots >= 0, "rl.decode_slots", "must be >= 0 (0: no slot refill)")
+  require(r.refill_rows >= 0, "rl.refill_rows", "must be >= 0 (0: a quarter of the slots)")
+  require(not r.decode_slots or r.refill_rows <= r.decode_slots, "rl.refill_rows",
+          f"must not exceed rl.decode_slots={r.decode_slots}")
   require(r.repetition_window >= 0, "rl.repetition_window", "must be >= 0 (0: off)")
   require(0 <= r.repetition_prob < 1, "rl.repetition_prob", "must be in [0, 1)")
   if r.overlong.enabled:

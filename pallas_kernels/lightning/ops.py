@@ -65,9 +65,14 @@ def lightning_attention_decode(q, k, v, slope, state, *, impl: str = "pallas",
 
   Returns (o [B, H, D] in q.dtype, new state [B, H, D, D] float32). "pallas" runs the decode
   kernel (its new state aliases the old one's buffer: donate `state` to update it in place);
-  every jnp impl runs the one-token step of the recurrence.
+  every other impl, "auto" included, runs the one-token step of the recurrence in jnp, which XLA
+  fuses with the layer around it: inside the whole model's decode step on an H200 (small preset,
+  B = 256) that took 5.2 ms against 7.6 ms with the kernel.
   """
-  if resolve_impl(impl) == "pallas":
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"lightning attention implementation {impl!r}; choose one of "
+                     f"{IMPLEMENTATIONS}")
+  if impl == "pallas":
     return kernel.lightning_attention_decode_pallas(q, k, v, slope, state, interpret=interpret,
                                                     value_tile=value_tile, num_warps=num_warps)
   return reference.lightning_decode_step(q, k, v, slope, state)

@@ -47,8 +47,10 @@ rewards.register_reward("test_digit_share", _digit_share)
 
 
 def _records(workdir, stage):
+  """metrics.jsonl without the wall-clock entries (time_s and the time/* phase timings)."""
   with open(os.path.join(workdir, stage, "metrics.jsonl")) as f:
-    return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in f]
+    return [{k: v for k, v in json.loads(line).items()
+             if k != "time_s" and not k.startswith("time/")} for line in f]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -279,3 +281,17 @@ def test_sampler_and_trainer_mask_the_same_padded_vocabulary():
   unmasked, _, _ = rl_trainer.response_logprobs(cfg, params, out.sequences, out.sequence_mask,
                                                 12, 1.0)
   assert np.abs(np.where(mask, unmasked, 0) - out.logprobs).max() > 1e-2
+
+
+@pytest.mark.parametrize("decode_slots", [0, 6])
+def test_rl_step_reports_where_its_time_goes(tmp_path, decode_slots):
+  """Phase timings and throughput every step; with rl.decode_slots the sampler refills slots."""
+  driver.run_from_config(_micro(**{"rl.steps": 2, "rl.eval_every": 1,
+                                   "rl.decode_slots": decode_slots}), str(tmp_path))
+  with open(tmp_path / "rl" / "metrics.jsonl") as f:
+    records = [json.loads(line) for line in f]
+  step = records[-1]
+  for phase in ("generate", "score", "advantages", "update", "eval"):
+    assert step[f"time/{phase}"] > 0, phase
+  assert step["time/generated_tokens_per_s"] > 0 and step["time/trained_tokens_per_s"] > 0
+  assert step["generated_tokens"] > 0 and 0 <= step["finished_slot_share"] < 1
