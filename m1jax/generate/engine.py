@@ -58,6 +58,8 @@ class GenerateConfig:
   pad_multiple: list prompts are left-padded to a multiple of this width, so that calls with
     similar prompt lengths share a compiled program.
   kv_dtype: softmax KV cache dtype name (None: cfg.dtype).
+  record_experts: also return `GenerateOutput.experts`, the MoE experts every generated token
+    was routed to (for routing replay in the trainer).
   """
 
   max_new_tokens: int = 256
@@ -69,6 +71,7 @@ class GenerateConfig:
   repetition_prob: float = 0.99
   pad_multiple: int = 32
   kv_dtype: str | None = None
+  record_experts: bool = False
 
   def __post_init__(self):
     if self.eos_token_ids is not None:
@@ -116,6 +119,10 @@ class GenerateOutput(NamedTuple):
   prompt_tokens: jax.Array  # int32 [B, P]: left-padded prompts (pad_id in padding)
   prompt_mask: jax.Array  # bool [B, P]: True on prompt tokens
   prompt_lengths: jax.Array  # int32 [B]
+  # [B, N, L, k] (GenerateConfig.record_experts) in model.expert_id_dtype (uint8 up to 256
+  # experts): the top-k experts of every layer when generated token i was fed to the model,
+  # for i < lengths - 1; 0 for the last generated token (never fed) and after it.
+  experts: jax.Array | None = None
 
   @property
   def completion_mask(self) -> jax.Array:
@@ -146,6 +153,7 @@ class _LoopState(NamedTuple):
   done: jax.Array  # bool [B]
   run: jax.Array  # int32 [B]: current run of consecutive tokens with probability > repetition_prob
   cache: Any  # model.DecodeCache
+  experts: Any = None  # [B, N, L, k] when recording experts
 
 
 def _is_in(tokens, ids: Sequence[int]):
@@ -221,7 +229,12 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
     """Feeds the last sampled token (step - 1) and samples the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [B, 1]
     positions = (prompt_lengths + state.step - 1)[:, None]
-    out = model.forward(cfg, params, last, positions=positions, cache=state.cache)
+    out = model.forward(cfg, params, last, positions=positions, cache=state.cache,
+                        return_experts=gen.record_experts)
+    if gen.record_experts:  # the experts of the fed token, step - 1
+      experts = jax.lax.dynamic_update_slice_in_dim(
+          state.experts, out.routed_experts.astype(state.experts.dtype), state.step - 1, axis=1)
+      state = state._replace(experts=experts)
     return record(state._replace(cache=out.cache), out.logits[:, 0])
 
   def keep_going(state: _LoopState):
@@ -232,10 +245,18 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
       logprobs=jnp.zeros((batch, n), jnp.float32), lengths=jnp.zeros((batch,), jnp.int32),
       finish_reasons=jnp.full((batch,), FinishReason.LENGTH, jnp.int32),
       done=jnp.zeros((batch,), bool), run=jnp.zeros((batch,), jnp.int32), cache=prefill.cache)
+  if gen.record_experts:
+    state = state._replace(experts=jnp.zeros(
+        (batch, n, cfg.num_hidden_layers, cfg.num_experts_per_tok),
+        model.expert_id_dtype(cfg.num_local_experts)))
   state = jax.lax.while_loop(keep_going, decode, record(state, logits))
+  experts = None
+  if gen.record_experts:  # keep tokens 0 .. lengths - 2, the ones fed while the row ran
+    fed = jnp.arange(n)[None, :] < state.lengths[:, None] - 1
+    experts = jnp.where(fed[:, :, None, None], state.experts, 0).astype(state.experts.dtype)
   return GenerateOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
                         finish_reasons=state.finish_reasons, prompt_tokens=tokens, prompt_mask=mask,
-                        prompt_lengths=prompt_lengths)
+                        prompt_lengths=prompt_lengths, experts=experts)
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))
