@@ -1,5 +1,5 @@
 """The RL loop: sample G responses per prompt -> rewards -> group advantages -> dynamic sampling ->
-(old log-probs recomputed by the trainer) -> mu off-policy minibatch updates -> metrics.
+[old log-probs recomputed by the trainer] -> mu off-policy minibatch updates -> metrics.
 
 Three policies: the rollout policy that sampled the tokens (the sampler, with the params of
 `rl.rollout_lag` steps ago), the old policy of the objective's ratio (`rl.old_logprobs`:
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -92,8 +92,8 @@ def test_forward_returns_and_replays_experts():
   np.testing.assert_array_equal(same.logits, base.logits)
   other = (out.routed_experts + 1) % cfg.num_local_experts
   late = jnp.arange(10)[None, :] >= 6
-  changed = model.forward(cfg, params, tokens, return_experts=True,
-                          routing_replay=model.RoutingReplay(other, jnp.broadcast_to(late, (2, 10))))
+  late_replay = model.RoutingReplay(other, jnp.broadcast_to(late, (2, 10)))
+  changed = model.forward(cfg, params, tokens, return_experts=True, routing_replay=late_replay)
   np.testing.assert_array_equal(changed.routed_experts[:, 6:], other[:, 6:])
   np.testing.assert_array_equal(changed.routed_experts[:, :6], out.routed_experts[:, :6])
   np.testing.assert_array_equal(changed.logits[:, :6], base.logits[:, :6])  # causal

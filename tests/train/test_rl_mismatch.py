@@ -7,7 +7,6 @@ import json
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,8 +46,12 @@ def _micro(**changes):
   return _set(config, changes)
 
 
-rewards.register_reward(
-    "mismatch_digit_share", lambda text, example: sum(c.isdigit() for c in text) / max(len(text), 1))
+def _digit_share(text, example):
+  del example
+  return sum(c.isdigit() for c in text) / max(len(text), 1)
+
+
+rewards.register_reward("mismatch_digit_share", _digit_share)
 
 
 def _records(workdir):
@@ -71,7 +74,8 @@ def test_mismatch_options_run_alone_and_together(changes, tmp_path):
   assert [r["step"] for r in steps] == [1, 2, 3]
   assert all(math.isfinite(v) for r in steps for v in r.values() if isinstance(v, float))
   assert any(r["grad_norm"] > 0 for r in steps)
-  recompute = changes.get("rl.old_logprobs") == "recompute" or "rl.loss.rollout_correction" in changes
+  recompute = (changes.get("rl.old_logprobs") == "recompute"
+               or "rl.loss.rollout_correction" in changes)
   if not recompute:
     assert not any(k.startswith("rollout_") for r in steps for k in r)
     return
@@ -86,7 +90,7 @@ def test_mismatch_options_run_alone_and_together(changes, tmp_path):
   else:
     # Lag 2: steps 1 and 2 sample with the initial params, which the trainer has left by step 2.
     assert steps[0]["rollout_abs_log_diff_max"] < 1e-4
-    assert steps[1]["rollout_abs_log_diff_max"] > 1e-3 and steps[2]["rollout_abs_log_diff_max"] > 1e-3
+    assert all(r["rollout_abs_log_diff_max"] > 1e-3 for r in steps[1:])
 
 
 def _fingerprint(params):
