@@ -98,28 +98,32 @@ def _fingerprint(params):
   return np.asarray(params["lm_head"]).copy()
 
 
-@pytest.mark.parametrize("lag", [0, 1])
-def test_sampler_uses_the_params_of_lag_steps_ago(lag, tmp_path, monkeypatch):
-  # At step s the sampler generates with the trainer's params from the start of step s - lag
-  # (the first params before that); lag 0 passes the trainer's own params, uncopied.
-  seen = []  # (trainer params at the step's start, params given to the sampler)
+def _run_with_spies(config, workdir, monkeypatch):
+  """Runs `config`; returns per step (trainer params at the step's start, params handed to the
+  sampler, whether they are the same object) and the params the sampler generated with."""
+  seen, sampled = [], []
   original = rl_trainer.ParamsHistory.sampler_params
-  sampled = []
+  original_call = rl_trainer.Sampler.__call__
 
   def spy(self, params):
     out = original(self, params)
     seen.append((_fingerprint(params), _fingerprint(out), out is params))
     return out
 
-  original_call = rl_trainer.Sampler.__call__
-
   def sampler_spy(self, params, batch, key):
     sampled.append(_fingerprint(params))
     return original_call(self, params, batch, key)
 
-  monkeypatch.setattr(rl_trainer.ParamsHistory, "sampler_params", spy)
-  monkeypatch.setattr(rl_trainer.Sampler, "__call__", sampler_spy)
-  driver.run_from_config(_micro(**{"rl.rollout_lag": lag}), str(tmp_path))
+  with monkeypatch.context() as m:
+    m.setattr(rl_trainer.ParamsHistory, "sampler_params", spy)
+    m.setattr(rl_trainer.Sampler, "__call__", sampler_spy)
+    driver.run_from_config(config, str(workdir))
+  return seen, sampled
+
+
+def _check_lag(lag, seen, sampled):
+  # At step s the sampler generates with the trainer's params from the start of step s - lag
+  # (the first params before that); lag 0 passes the trainer's own params, uncopied.
   assert len(seen) == 3 and len(sampled) == 3  # no dynamic sampling: one batch per step
   trainer = [s[0] for s in seen]
   assert not np.array_equal(trainer[0], trainer[1])  # the trainer moves every step
@@ -127,6 +131,10 @@ def test_sampler_uses_the_params_of_lag_steps_ago(lag, tmp_path, monkeypatch):
     np.testing.assert_array_equal(given, trainer[max(step - lag, 0)])
     np.testing.assert_array_equal(sampled[step], given)
     assert same_object == (lag == 0 or step == 0)
+
+
+def test_lag_one_samples_with_the_previous_steps_params(tmp_path, monkeypatch):
+  _check_lag(1, *_run_with_spies(_micro(**{"rl.rollout_lag": 1}), tmp_path, monkeypatch))
 
 
 def test_params_history_keeps_lag_copies():
@@ -140,9 +148,9 @@ def test_params_history_keeps_lag_copies():
 
 
 def test_lag_zero_is_the_loop_without_lag(tmp_path, monkeypatch):
-  # rollout_lag=0 writes exactly the metrics of the loop with the lag machinery removed (the
-  # sampler handed the trainer's params directly).
-  driver.run_from_config(_micro(), str(tmp_path / "lag0"))
+  # rollout_lag=0 hands the sampler the trainer's own params every step, and writes exactly the
+  # metrics of the loop with the lag machinery removed.
+  _check_lag(0, *_run_with_spies(_micro(), tmp_path / "lag0", monkeypatch))
 
   class NoHistory:
     def __init__(self, lag, shardings=None):
