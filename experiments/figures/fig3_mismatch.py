@@ -2,11 +2,14 @@ r"""Figure 3: per-token probability, sampler (incremental decode) vs trainer (fu
 
 Samples --batch rows of --max_new_tokens tokens after random-token prompts with m1jax.generate,
 then scores the same tokens the sampler's way (prefill + one-token decode steps) and the trainer's
-way (one teacher-forced forward), with a bfloat16 and a float32 LM head; also the hidden-state
-difference of every layer. Method: m1jax/analysis/mismatch.py; discussion: docs/figures.md.
+way (one teacher-forced forward), with a bfloat16 and a float32 LM head, each with the trainer's
+own MoE routing and with routing replay (the sampler's experts); also the hidden-state
+difference of every layer and the share of tokens routed differently. Method:
+m1jax/analysis/mismatch.py; discussion: docs/figures.md.
 
-Writes to --out_dir: fig3_mismatch.png (scatter per LM-head dtype), fig3_layers.png,
-fig3_pairs.csv, fig3_summary.csv, fig3_layers.csv, fig3_tables.md; prints the tables.
+Writes to --out_dir: fig3_mismatch.png (scatter per arm: LM-head dtype x routing),
+fig3_layers.png, fig3_pairs.csv, fig3_summary.csv, fig3_layers.csv, fig3_tables.md; prints the
+tables.
 
   # GPU (one H200, under 90 s): small preset, random weights, LM head rescaled (--logit_std).
   python -m experiments.figures.fig3_mismatch --out_dir=results/fig3
@@ -66,7 +69,7 @@ def main(argv):
       f"V {cfg.vocab_size}), {weights}; compute {cfg.dtype}; {_BATCH.value} rows x "
       f"{_MAX_NEW_TOKENS.value} tokens after {_PROMPT_LEN.value} random prompt tokens, "
       f"temperature {_TEMPERATURE.value:g}, sampled with a {_SAMPLE_HEAD_DTYPE.value} LM head; "
-      f"{elapsed:.0f} s.")
+      f"{cfg.num_local_experts} experts, top {cfg.num_experts_per_tok}; {elapsed:.0f} s.")
   print(mismatch.write_report(result, _OUT_DIR.value, description))
   print(f"\nWrote fig3_mismatch.png, fig3_layers.png, fig3_pairs.csv, fig3_summary.csv, "
         f"fig3_layers.csv, fig3_tables.md to {_OUT_DIR.value}")

@@ -63,6 +63,8 @@ class GenerateConfig:
     (continuous batching), so a long-tailed batch does not wait on its longest row.
   refill_rows: with slots, how many prompts one refill prefills (0: a quarter of the slots);
     a refill runs once that many slots are free (or fewer prompts remain, or none is decoding).
+  record_experts: also return `GenerateOutput.experts`, the MoE experts every generated token
+    was routed to (for routing replay in the trainer).
   """
 
   max_new_tokens: int = 256
@@ -76,6 +78,7 @@ class GenerateConfig:
   kv_dtype: str | None = None
   slots: int = 0
   refill_rows: int = 0
+  record_experts: bool = False
 
   def __post_init__(self):
     if self.eos_token_ids is not None:
@@ -134,6 +137,10 @@ class GenerateOutput(NamedTuple):
   prompt_lengths: jax.Array  # int32 [B]
   slot_steps: jax.Array  # int32 []: decode steps x decode slots (rows of the batch, or slots)
   finished_slot_steps: jax.Array  # int32 []: of those, steps of slots with no unfinished row
+  # [B, N, L, k] (GenerateConfig.record_experts) in model.expert_id_dtype (uint8 up to 256
+  # experts): the top-k experts of every layer when generated token i was fed to the model,
+  # for i < lengths - 1; 0 for the last generated token (never fed) and after it.
+  experts: jax.Array | None = None
 
   @property
   def completion_mask(self) -> jax.Array:
@@ -164,6 +171,7 @@ class _LoopState(NamedTuple):
   done: jax.Array  # bool [B]
   run: jax.Array  # int32 [B]: current run of consecutive tokens with probability > repetition_prob
   cache: Any  # model.DecodeCache
+  experts: Any = None  # [B, N, L, k] when recording experts
 
 
 def _is_in(tokens, ids: Sequence[int]):
@@ -257,7 +265,12 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
     """Feeds the last sampled token (step - 1) and samples the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [B, 1]
     positions = (prompt_lengths + state.step - 1)[:, None]
-    out = model.forward(cfg, params, last, positions=positions, cache=state.cache)
+    out = model.forward(cfg, params, last, positions=positions, cache=state.cache,
+                        return_experts=gen.record_experts)
+    if gen.record_experts:  # the experts of the fed token, step - 1
+      experts = jax.lax.dynamic_update_slice_in_dim(
+          state.experts, out.routed_experts.astype(state.experts.dtype), state.step - 1, axis=1)
+      state = state._replace(experts=experts)
     return record(state._replace(cache=out.cache), out.logits[:, 0])
 
   def keep_going(state: _LoopState):
@@ -267,13 +280,31 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
       step=jnp.zeros((), jnp.int32), tokens=jnp.full((batch, n), gen.pad_id, jnp.int32),
       logprobs=jnp.zeros((batch, n), jnp.float32), lengths=jnp.zeros((batch,), jnp.int32),
       finish_reasons=jnp.full((batch,), FinishReason.LENGTH, jnp.int32),
-      done=jnp.zeros((batch,), bool), run=jnp.zeros((batch,), jnp.int32), cache=cache)
+      done=jnp.zeros((batch,), bool), run=jnp.zeros((batch,), jnp.int32), cache=cache,
+      experts=_no_experts(cfg, gen, batch))
   state = jax.lax.while_loop(keep_going, decode, record(state, logits))
   slot_steps = (state.step - 1) * batch  # decode steps after the prefill's token
   return GenerateOutput(tokens=state.tokens, logprobs=state.logprobs, lengths=state.lengths,
                         finish_reasons=state.finish_reasons, prompt_tokens=tokens, prompt_mask=mask,
                         prompt_lengths=prompt_lengths, slot_steps=slot_steps,
-                        finished_slot_steps=slot_steps - jnp.sum(state.lengths - 1))
+                        finished_slot_steps=slot_steps - jnp.sum(state.lengths - 1),
+                        experts=_fed_experts(gen, state.experts, state.lengths))
+
+
+def _no_experts(cfg: ModelConfig, gen: GenerateConfig, rows: int):
+  """The zero experts buffer [rows, N, L, k] when recording them, else None."""
+  if not gen.record_experts:
+    return None
+  return jnp.zeros((rows, gen.max_new_tokens, cfg.num_hidden_layers, cfg.num_experts_per_tok),
+                   model.expert_id_dtype(cfg.num_local_experts))
+
+
+def _fed_experts(gen: GenerateConfig, experts, lengths):
+  """experts of tokens 0 .. lengths - 2 (those fed while the row ran), 0 elsewhere."""
+  if not gen.record_experts:
+    return None
+  fed = jnp.arange(gen.max_new_tokens)[None, :] < lengths[:, None] - 1
+  return jnp.where(fed[:, :, None, None], experts, 0).astype(experts.dtype)
 
 
 class _RefillState(NamedTuple):
@@ -292,6 +323,7 @@ class _RefillState(NamedTuple):
   slot_steps: jax.Array  # int32 []
   finished_slot_steps: jax.Array  # int32 []
   cache: Any  # model.DecodeCache of S rows
+  experts: Any = None  # [R + 1, N, L, k] when recording experts
 
 
 def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, row_ids):
@@ -371,7 +403,11 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
     safe = jnp.minimum(state.prompt, num_prompts - 1)
     positions = (prompt_lengths[safe] + state.step - 1)[:, None]
     out = model.forward(cfg, params, state.last[:, None], token_mask=active[:, None],
-                        positions=positions, cache=state.cache)
+                        positions=positions, cache=state.cache, return_experts=gen.record_experts)
+    if gen.record_experts:  # the experts of each active row's fed token, its step - 1
+      target = jnp.where(active, state.prompt, sink)
+      state = state._replace(experts=state.experts.at[target, jnp.maximum(state.step - 1, 0)].set(
+          out.routed_experts[:, 0].astype(state.experts.dtype)))
     cache = out.cache.replace(index=out.cache.index % ring)
     busy = jnp.sum(active, dtype=jnp.int32)
     state = state._replace(cache=cache, slot_steps=state.slot_steps + slots,
@@ -399,14 +435,17 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
       lengths=jnp.zeros((num_prompts + 1,), jnp.int32),
       finish_reasons=jnp.full((num_prompts + 1,), FinishReason.LENGTH, jnp.int32),
       slot_steps=jnp.zeros((), jnp.int32), finished_slot_steps=jnp.zeros((), jnp.int32),
-      cache=model.init_cache(cfg, slots, ring, kv_dtype))
+      cache=model.init_cache(cfg, slots, ring, kv_dtype),
+      experts=_no_experts(cfg, gen, num_prompts + 1))
   state = fill(state, slots)  # the first prompts into every slot
   state = jax.lax.while_loop(keep_going, step, state)
   return GenerateOutput(tokens=state.tokens[:-1], logprobs=state.logprobs[:-1],
                         lengths=state.lengths[:-1], finish_reasons=state.finish_reasons[:-1],
                         prompt_tokens=tokens, prompt_mask=mask, prompt_lengths=prompt_lengths,
                         slot_steps=state.slot_steps,
-                        finished_slot_steps=state.finished_slot_steps)
+                        finished_slot_steps=state.finished_slot_steps,
+                        experts=_fed_experts(gen, state.experts[:-1] if gen.record_experts
+                                             else None, state.lengths[:-1]))
 
 
 _generate_jit = jax.jit(_generate, static_argnums=(0, 1))

@@ -14,11 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from m1jax.config import ModelConfig
-from m1jax.model.moe import RouterStats, aux_loss
+from m1jax.model.moe import RouterStats, RoutingReplay, aux_loss, expert_id_dtype
 from m1jax.model.transformer import DecodeCache, Transformer, init_cache, lm_head_logits
 
-__all__ = ["ModelOutput", "DecodeCache", "init", "abstract_params", "compute_params", "forward",
-           "init_cache", "layer_params", "logical_axes", "param_counts", "lm_head_logits", "positions_from_mask"]
+__all__ = ["ModelOutput", "DecodeCache", "RoutingReplay", "init", "abstract_params",
+           "compute_params", "forward", "init_cache", "layer_params", "logical_axes",
+           "param_counts", "lm_head_logits", "positions_from_mask", "expert_id_dtype"]
 
 
 class ModelOutput(NamedTuple):
@@ -29,6 +30,8 @@ class ModelOutput(NamedTuple):
   router_stats: RouterStats  # fields stacked over layers
   cache: DecodeCache | None  # updated cache when one was passed
   hidden_states: tuple[jax.Array, ...] | None  # per-layer outputs [B, T, E] when requested
+  # int32 [B, T, L, k]: the experts each token was routed to in each layer, when requested
+  routed_experts: jax.Array | None = None
 
 
 def _module(cfg: ModelConfig) -> Transformer:
@@ -126,24 +129,38 @@ def positions_from_mask(token_mask: jax.Array | None, shape: tuple[int, int]) ->
 def forward(cfg: ModelConfig, params, tokens: jax.Array, *, token_mask: jax.Array | None = None,
             positions: jax.Array | None = None, cache: DecodeCache | None = None,
             compute_logits: bool = True, return_hidden_states: bool = False,
-            fresh_cache: bool = False) -> ModelOutput:
+            fresh_cache: bool = False, return_experts: bool = False,
+            routing_replay: RoutingReplay | None = None) -> ModelOutput:
   """Pure forward pass. tokens int32 [B, T]; token_mask [B, T] bool (False: padding).
 
   positions default to `positions_from_mask`; with a cache, pass the absolute positions of the new
   tokens. With a cache, tokens are appended at cache.index (prefill: many tokens; decode: one);
   fresh_cache=True says the cache is empty (a prefill at index 0), so the softmax layers attend
   over the new tokens only (flash attention on GPU) instead of over the cache's slots.
+  return_experts: also return `routed_experts` [B, T, L, k]. routing_replay: RoutingReplay with
+  experts int [B, T, L, k] and mask bool [B, T]: the tokens in the mask are routed to those
+  experts in every layer (weights from the current router at those experts, renormalised), the
+  others as usual; gradients reach the router through the weights.
   """
   if tokens.ndim != 2:
     raise ValueError(f"tokens must be [B, T]; got shape {tokens.shape}")
   if positions is None:
     positions = positions_from_mask(token_mask, tokens.shape)
+  if routing_replay is not None:
+    layers, top_k = cfg.num_hidden_layers, cfg.num_experts_per_tok
+    if (routing_replay.experts.shape != tokens.shape + (layers, top_k)
+        or routing_replay.mask.shape != tokens.shape):
+      raise ValueError(f"routing_replay: experts {routing_replay.experts.shape} and mask "
+                       f"{routing_replay.mask.shape} must be {tokens.shape + (layers, top_k)} "
+                       f"and {tokens.shape} ([B, T, L, k] and [B, T])")
   out = _module(cfg).apply({"params": params}, tokens, positions, token_mask, cache,
                            compute_logits=compute_logits, return_hidden_states=return_hidden_states,
-                           fresh_cache=fresh_cache)
+                           fresh_cache=fresh_cache, return_experts=return_experts,
+                           routing_replay=routing_replay)
   return ModelOutput(logits=out.get("logits"), aux_loss=aux_loss(out["router_stats"]),
                      hidden=out["hidden"], router_stats=out["router_stats"],
-                     cache=out.get("cache"), hidden_states=out.get("hidden_states"))
+                     cache=out.get("cache"), hidden_states=out.get("hidden_states"),
+                     routed_experts=out.get("routed_experts"))
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:

@@ -25,15 +25,37 @@ class RouterStats(NamedTuple):
   dropped: jax.Array  # [] f32: assignments dropped by the capacity limit
 
 
-def route(x: jax.Array, router: jax.Array, top_k: int):
+class RoutingReplay(NamedTuple):
+  """Experts to route tokens to instead of the router's top-k (MoE routing replay, "R3").
+
+  Rows where `mask` is True use `experts`; their weights are the router's current
+  probabilities at those experts, renormalised. The other rows are routed as usual.
+  """
+  experts: jax.Array  # int [..., L, k] (per layer in model.forward, [N, k] in route)
+  mask: jax.Array  # bool [...]: rows (tokens) that replay
+
+
+def expert_id_dtype(num_experts: int):
+  """The smallest unsigned integer dtype holding expert ids 0 .. num_experts - 1."""
+  for dtype in (jnp.uint8, jnp.uint16, jnp.uint32):
+    if num_experts <= jnp.iinfo(dtype).max + 1:
+      return dtype
+  raise ValueError(f"num_experts={num_experts}: more than 2^32 experts")
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int, replay: RoutingReplay | None = None):
   """Router: fp32 logits, softmax over all experts, top-k, renormalised weights.
 
-  x [N, E]; router [E, X] -> probs [N, X] f32, weights [N, k] f32, experts [N, k] int32.
+  x [N, E]; router [E, X]; replay: optional RoutingReplay with experts [N, k] and mask [N]
+  -> probs [N, X] f32, weights [N, k] f32, experts [N, k] int32.
   """
   logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
   probs = jax.nn.softmax(logits, axis=-1)
   weights, experts = jax.lax.top_k(probs, top_k)
+  if replay is not None:
+    experts = jnp.where(replay.mask[:, None], replay.experts.astype(jnp.int32), experts)
+    weights = jnp.take_along_axis(probs, experts, axis=-1)
   return probs, weights / jnp.sum(weights, axis=-1, keepdims=True), experts
 
 
@@ -104,8 +126,11 @@ class MoE(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, h: jax.Array, token_mask: jax.Array | None = None):
-    """h [B, T, E]; token_mask [B, T] bool -> (out [B, T, E], RouterStats)."""
+  def __call__(self, h: jax.Array, token_mask: jax.Array | None = None,
+               replay: RoutingReplay | None = None):
+    """h [B, T, E]; token_mask [B, T] bool; replay: optional RoutingReplay with experts
+    [B, T, k] and mask [B, T] -> (out [B, T, E], RouterStats, experts [B, T, k] int32: the
+    experts each token was routed to)."""
     cfg = self.cfg
     e, i, nx = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
     dtype, pdtype, std = cfg.jnp_dtype, cfg.jnp_param_dtype, cfg.initializer_range
@@ -116,7 +141,9 @@ class MoE(nn.Module):
 
     b, t, _ = h.shape
     x = h.reshape(b * t, e)
-    probs, weights, experts = route(x, router, cfg.num_experts_per_tok)
+    if replay is not None:
+      replay = RoutingReplay(replay.experts.reshape(b * t, -1), replay.mask.reshape(b * t))
+    probs, weights, experts = route(x, router, cfg.num_experts_per_tok, replay)
     dropped = jnp.zeros((), jnp.float32)
     if cfg.moe_impl == "dense":
       out = experts_dense(x, weights, experts, w1, w3, w2, dtype)
@@ -130,7 +157,7 @@ class MoE(nn.Module):
              else token_mask.reshape(-1).astype(jnp.float32))
     assignments = jnp.einsum("nkx,n->x", jax.nn.one_hot(experts, nx, dtype=jnp.float32), valid)
     stats = RouterStats(assignments, jnp.einsum("nx,n->x", probs, valid), jnp.sum(valid), dropped)
-    return out.reshape(b, t, e), stats
+    return out.reshape(b, t, e), stats, experts.reshape(b, t, -1)
 
 
 def aux_loss(stats: RouterStats) -> jax.Array:

@@ -19,7 +19,7 @@ from m1jax.config import ModelConfig
 from m1jax.model import common
 from m1jax.model.attention import SoftmaxAttention
 from m1jax.model.lightning import LightningAttention, layer_slopes
-from m1jax.model.moe import MoE
+from m1jax.model.moe import MoE, RoutingReplay
 from m1jax.model.norms import RMSNorm
 
 
@@ -58,7 +58,9 @@ class DecoderLayer(nn.Module):
   fresh_cache: bool = False  # see SoftmaxAttention
 
   @nn.compact
-  def __call__(self, x, positions, token_mask, slope, lightning_state=None, kv_cache=None):
+  def __call__(self, x, positions, token_mask, slope, lightning_state=None, kv_cache=None,
+               replay=None):
+    """-> (x, attention cache, RouterStats, experts [B, T, k] int32 the MoE routed to)."""
     cfg = self.cfg
     pdtype = cfg.jnp_param_dtype
     h = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="input_norm")(x)
@@ -72,10 +74,10 @@ class DecoderLayer(nn.Module):
       alpha, beta = cfg.layernorm_full_attention_alpha, cfg.layernorm_full_attention_beta
     x = (h if cfg.postnorm else x) * alpha + attn_out * beta
     h = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="post_attn_norm")(x)
-    moe_out, stats = MoE(cfg, name="moe")(h, token_mask)
+    moe_out, stats, experts = MoE(cfg, name="moe")(h, token_mask, replay)
     x = (h if cfg.postnorm else x) * cfg.layernorm_mlp_alpha + moe_out * cfg.layernorm_mlp_beta
     x = common.constrain(x, (common.BATCH, common.LENGTH, common.EMBED))
-    return x, layer_cache, stats
+    return x, layer_cache, stats, experts
 
 
 _REMAT_POLICIES = {
@@ -88,45 +90,54 @@ class LayerGroup(nn.Module):
   """One period of the layout: cfg.layer_period decoder layers, the body of the layer scan.
 
   carry: (x [B, T, E], lightning_states [L_lightning, B, H, D, D] or None, keys, values
-  [L_softmax, B, S, KV, D] or None); xs: (group index int32 [], slopes [p, H]). Cache rows of
-  group g are g * (layers of that kind per group) + their rank within the group.
+  [L_softmax, B, S, KV, D] or None); xs: (group index int32 [], slopes [p, H], replayed experts
+  [p, B, T, k] or None). Cache rows of group g are g * (layers of that kind per group) + their
+  rank within the group. Outputs per group: RouterStats, hidden states [p, B, T, E] and routed
+  experts [p, B, T, k] (each None unless requested).
   """
 
   cfg: ModelConfig
   return_hidden_states: bool = False
   fresh_cache: bool = False
+  return_experts: bool = False
 
   @nn.compact
-  def __call__(self, carry, xs, positions, token_mask, slot_mask, index):
+  def __call__(self, carry, xs, positions, token_mask, slot_mask, index, replay_mask):
     cfg = self.cfg
     x, states, keys, values = carry
-    group, slopes = xs
+    group, slopes, replay_experts = xs
     kinds = cfg.is_lightning[:cfg.layer_period]
     per_group = {True: sum(kinds), False: len(kinds) - sum(kinds)}
     layer_cls = DecoderLayer
     if cfg.remat_policy != "none":
       layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy])
-    all_stats, hidden = [], []
+    all_stats, hidden, routed = [], [], []
     rank = {True: 0, False: 0}
     for j, is_lightning in enumerate(kinds):
       layer = layer_cls(cfg, is_lightning, self.fresh_cache, name=f"layer_{j}")
       row = group * per_group[is_lightning] + rank[is_lightning]
       rank[is_lightning] += 1
+      replay = (None if replay_experts is None
+                else RoutingReplay(replay_experts[j], replay_mask))
       if is_lightning:
         state = None if states is None else states[row]
-        x, state, stats = layer(x, positions, token_mask, slopes[j], state, None)
+        x, state, stats, experts = layer(x, positions, token_mask, slopes[j], state, None,
+                                         replay)
         if states is not None:
           states = jax.lax.dynamic_update_index_in_dim(states, state, row, axis=0)
       else:
         kv = None if keys is None else (keys, values, row, slot_mask, index)
-        x, new_kv, stats = layer(x, positions, token_mask, slopes[j], None, kv)
+        x, new_kv, stats, experts = layer(x, positions, token_mask, slopes[j], None, kv, replay)
         if keys is not None:
           keys, values = new_kv
       all_stats.append(stats)
       if self.return_hidden_states:
         hidden.append(x)
+      if self.return_experts:
+        routed.append(experts)
     stats = jax.tree.map(lambda *s: jnp.stack(s), *all_stats)
-    return (x, states, keys, values), (stats, jnp.stack(hidden) if hidden else None)
+    stack = lambda xs: jnp.stack(xs) if xs else None
+    return (x, states, keys, values), (stats, stack(hidden), stack(routed))
 
 
 class Transformer(nn.Module):
@@ -137,7 +148,8 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens, positions=None, token_mask=None, cache: DecodeCache | None = None,
                compute_logits: bool = True, return_hidden_states: bool = False,
-               fresh_cache: bool = False) -> dict[str, Any]:
+               fresh_cache: bool = False, return_experts: bool = False,
+               routing_replay: RoutingReplay | None = None) -> dict[str, Any]:
     cfg = self.cfg
     dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
     groups, period = cfg.num_layer_groups, cfg.layer_period
@@ -155,14 +167,20 @@ class Transformer(nn.Module):
                cache.keys if cfg.num_softmax_layers else None,
                cache.values if cfg.num_softmax_layers else None)
     index = None if cache is None else cache.index
+    replay_experts = replay_mask = None
+    if routing_replay is not None:  # experts [B, T, L, k] -> [G, p, B, T, k]
+      replay_experts = jnp.moveaxis(routing_replay.experts, 2, 0).reshape(
+          (groups, period) + routing_replay.experts.shape[:2] + routing_replay.experts.shape[3:])
+      replay_mask = routing_replay.mask.astype(bool)
     scan = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                            nn.broadcast),
                    length=groups, metadata_params={nn.PARTITION_NAME: "layers"})
     slopes = layer_slopes(cfg).reshape(groups, period, cfg.num_attention_heads)
-    (x, states, keys, values), (stats, hidden) = scan(
-        cfg, return_hidden_states, fresh_cache, name="layers")(
-            carry, (jnp.arange(groups, dtype=jnp.int32), slopes), positions, token_mask,
-            slot_mask, index)
+    (x, states, keys, values), (stats, hidden, routed) = scan(
+        cfg, return_hidden_states, fresh_cache, return_experts, name="layers")(
+            carry, (jnp.arange(groups, dtype=jnp.int32), slopes, replay_experts), positions,
+            token_mask, slot_mask, index, replay_mask)
 
     x = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="final_norm")(x)
     lm_head = common.param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -173,6 +191,8 @@ class Transformer(nn.Module):
       out["logits"] = lm_head_logits(cfg, x, lm_head)
     if return_hidden_states:
       out["hidden_states"] = tuple(by_layer(hidden))
+    if return_experts:  # [G, p, B, T, k] -> [B, T, L, k]
+      out["routed_experts"] = jnp.moveaxis(by_layer(routed), 0, 2)
     if cache is not None:
       out["cache"] = DecodeCache(
           lightning_states=cache.lightning_states if states is None else states,

@@ -18,9 +18,17 @@ Kinds (docs/rl_objectives.md has the formulas and references):
 Default aggregation per kind (override with `LossConfig.aggregation`):
   cispo, dapo, reinforce: token_mean;  ppo, grpo, gspo: seq_mean_token_mean;
   dr_grpo: seq_mean_token_sum_norm.
+
+Rollout correction (`LossConfig.rollout_correction`, with `rollout_logprobs`): when the old
+policy's log-probs are the trainer's own and the sampled tokens came from another policy (the
+sampler's kernels, or older parameters), every kind's per-token term is multiplied by a
+stop-gradient factor built from w = pi_old / pi_rollout: truncated (TIS) or masked (MIS), per
+token, per sequence (the product of w) or per sequence as the geometric mean. `rollout_metrics`
+summarises the weights (effective sample size, extremes, Pearson r of the probabilities).
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +38,8 @@ AGGREGATIONS = (
     "token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 TOKEN_MASKS = ("none", "ppo_trust_region")
 KL_ESTIMATORS = ("k1", "k3")
+ROLLOUT_CORRECTIONS = ("none", "token_tis", "sequence_tis", "geometric_tis", "token_mask",
+                       "sequence_mask", "geometric_mask")
 
 DEFAULT_AGGREGATION = {
     "cispo": "token_mean",
@@ -73,6 +83,14 @@ class LossConfig:
     kl_coef: weight of the KL penalty to a reference policy (needs `ref_logprobs`). >= 0.
     kl_estimator: "k1" (log pi - log pi_ref) or "k3" (pi_ref/pi - log(pi_ref/pi) - 1).
     entropy_coef: weight of the entropy bonus (needs `entropy`). >= 0.
+    rollout_correction: one of ROLLOUT_CORRECTIONS (needs `rollout_logprobs` unless "none").
+      With w = pi_old / pi_rollout per token, W = prod_t w (sequence) or (prod_t w)^(1/n)
+      (geometric): *_tis multiplies each token's term by min(w or W, rollout_cap); *_mask by
+      w or W inside [rollout_mask_low, rollout_mask_high] and by 0 outside (the token, or the
+      whole sequence). The factor is a constant (stop-gradient).
+    rollout_cap: absolute cap C of the *_tis corrections (not 1 + eps), > 1. Default 2.0.
+    rollout_mask_low, rollout_mask_high: absolute band of the *_mask corrections; it must
+      contain 1: 0 <= low < 1 < high < inf. Defaults 0.5 and 2.0.
   """
 
   kind: str = "cispo"
@@ -86,6 +104,10 @@ class LossConfig:
   kl_coef: float = 0.0
   kl_estimator: str = "k3"
   entropy_coef: float = 0.0
+  rollout_correction: str = "none"
+  rollout_cap: float = 2.0
+  rollout_mask_low: float = 0.5
+  rollout_mask_high: float = 2.0
 
   def __post_init__(self):
     _check_choice("kind", self.kind, KINDS)
@@ -114,6 +136,17 @@ class LossConfig:
       value = getattr(self, name)
       if not value >= 0:
         raise ValueError(f"LossConfig.{name} must be >= 0, got {value!r}.")
+    _check_choice("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+    if not 1 < self.rollout_cap < math.inf:
+      raise ValueError(
+          f"LossConfig.rollout_cap is an absolute cap on w = pi_old/pi_rollout and must be a "
+          f"finite number > 1 (e.g. 2.0), got {self.rollout_cap!r}.")
+    if not 0 <= self.rollout_mask_low < 1:
+      raise ValueError(f"LossConfig.rollout_mask_low must be in [0, 1) (the band keeps w = 1), "
+                       f"got {self.rollout_mask_low!r}.")
+    if not 1 < self.rollout_mask_high < math.inf:
+      raise ValueError(f"LossConfig.rollout_mask_high must be a finite number > 1 (the band "
+                       f"keeps w = 1), got {self.rollout_mask_high!r}.")
 
   @property
   def effective_aggregation(self) -> str:
@@ -185,17 +218,130 @@ def sequence_log_ratio(logprobs, old_logprobs, mask):
   return jnp.sum(log_ratio, axis=-1) / jnp.maximum(jnp.sum(valid, axis=-1), 1)
 
 
-def _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy):
+def _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy,
+                  rollout_logprobs=None):
   if logprobs.ndim != 2:
     raise ValueError(f"logprobs must be [B, T], got shape {logprobs.shape}.")
   for name, array in (("old_logprobs", old_logprobs), ("mask", mask),
-                      ("ref_logprobs", ref_logprobs), ("entropy", entropy)):
+                      ("ref_logprobs", ref_logprobs), ("entropy", entropy),
+                      ("rollout_logprobs", rollout_logprobs)):
     if array is not None and array.shape != logprobs.shape:
       raise ValueError(f"{name} must have the shape of logprobs {logprobs.shape}, "
                        f"got {array.shape}.")
   if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
     raise ValueError(f"advantages must be [B] or [B, T] with [B, T] = {logprobs.shape}, "
                      f"got {advantages.shape}.")
+
+
+def rollout_correction_factor(old_logprobs, rollout_logprobs, mask, cfg: LossConfig):
+  """The stop-gradient factor `policy_loss` multiplies each token's term by, and where the cap or
+  the band acted.
+
+  Args:
+    old_logprobs, rollout_logprobs: [B, T] log-probs of the sampled tokens under the old policy
+      (the trainer's) and under the rollout policy that sampled them; w = exp(old - rollout).
+    mask: [B, T] bool or {0, 1}.
+    cfg: a LossConfig whose rollout_correction is not "none" (LossConfig documents the modes).
+
+  Returns:
+    (factor [B, T] float32, capped [B, T] bool, masked [B, T] bool): the factor (0 on masked-out
+    positions), the tokens whose weight the TIS cap lowered, the tokens the band zeroed. For the
+    sequence and geometric levels every token of a sequence shares its weight and its flags.
+  """
+  if cfg.rollout_correction == "none":
+    raise ValueError("rollout_correction_factor: cfg.rollout_correction is 'none'.")
+  valid = jnp.asarray(mask) > 0
+  log_w = jnp.where(valid, jnp.asarray(old_logprobs, jnp.float32)
+                    - jnp.asarray(rollout_logprobs, jnp.float32), 0.0)
+  log_w = jax.lax.stop_gradient(log_w)
+  level, mode = cfg.rollout_correction.split("_")
+  if level != "token":
+    seq_log_w = jnp.sum(log_w, axis=-1, keepdims=True)
+    if level == "geometric":
+      seq_log_w = seq_log_w / jnp.maximum(jnp.sum(valid, axis=-1, keepdims=True), 1)
+    log_w = jnp.broadcast_to(seq_log_w, log_w.shape)
+  no_tokens = jnp.zeros(log_w.shape, bool)
+  if mode == "tis":
+    log_cap = math.log(cfg.rollout_cap)
+    factor = jnp.exp(jnp.minimum(log_w, log_cap))
+    capped, masked = valid & (log_w > log_cap), no_tokens
+  else:
+    log_low = -math.inf if cfg.rollout_mask_low == 0 else math.log(cfg.rollout_mask_low)
+    log_high = math.log(cfg.rollout_mask_high)
+    keep = (log_w >= log_low) & (log_w <= log_high)
+    factor = jnp.where(keep, jnp.exp(jnp.minimum(log_w, log_high)), 0.0)
+    capped, masked = no_tokens, valid & ~keep
+  return jnp.where(valid, factor, 0.0), capped, masked
+
+
+def _effective_sample_size(log_weights, valid):
+  """(sum w)^2 / (n sum w^2) over the valid entries of [...] log-weights; 0 when none is valid.
+  Scale-invariant, so evaluated on w / max w (no overflow)."""
+  count = jnp.sum(valid)
+  top = jnp.max(jnp.where(valid, log_weights, -jnp.inf))
+  w = jnp.where(valid, jnp.exp(log_weights - jnp.where(count > 0, top, 0.0)), 0.0)
+  ess = jnp.sum(w) ** 2 / (jnp.maximum(count, 1) * jnp.maximum(jnp.sum(w * w), 1e-30))
+  return jnp.where(count > 0, ess, 0.0)
+
+
+def rollout_metrics(old_logprobs, rollout_logprobs, mask, cfg: LossConfig | None = None):
+  """How far the rollout policy is from the old policy on a batch of sampled tokens.
+
+  Args:
+    old_logprobs, rollout_logprobs: [B, T], as for `rollout_correction_factor`; w = pi_old /
+      pi_rollout per token, W_i = prod_t w the weight of sequence i.
+    mask: [B, T] bool or {0, 1}.
+    cfg: the objective; its rollout_correction gives the capped / masked fractions (0 when
+      None or "none").
+
+  Returns:
+    dict of float32 scalars (0 when no token counts):
+      rollout_ess_token: (sum w)^2 / (N sum w^2) over the N tokens, in (0, 1]; 1: w constant.
+      rollout_ess_seq: the same over the sequence weights W_i of the sequences with tokens.
+      rollout_weight_mean, rollout_weight_min, rollout_weight_max: of the token weights w.
+      rollout_capped_frac, rollout_masked_frac: share of tokens the TIS cap lowered / the mask
+        zeroed under cfg.rollout_correction.
+      rollout_abs_log_diff_mean, rollout_abs_log_diff_max: of |log pi_old - log pi_rollout|.
+      rollout_prob_pearson: Pearson r of the token probabilities pi_old vs pi_rollout (paper
+        Fig. 3's statistic); 0 when either side has no variance.
+  """
+  valid = jnp.asarray(mask) > 0
+  old = jnp.where(valid, jnp.asarray(old_logprobs, jnp.float32), 0.0)
+  rollout = jnp.where(valid, jnp.asarray(rollout_logprobs, jnp.float32), 0.0)
+  log_w = old - rollout
+  count = jnp.sum(valid)
+  denominator = jnp.maximum(count, 1).astype(jnp.float32)
+  has_tokens = count > 0
+
+  def mean(values):
+    return jnp.sum(jnp.where(valid, values, 0.0)) / denominator
+
+  def extreme(values, reduce, identity):
+    return jnp.where(has_tokens, reduce(jnp.where(valid, values, identity)), 0.0)
+
+  weights = jnp.exp(log_w)
+  seq_valid = jnp.any(valid, axis=-1)
+  p_old, p_rollout = jnp.exp(old), jnp.exp(rollout)
+  centred_old = jnp.where(valid, p_old - mean(p_old), 0.0)
+  centred_rollout = jnp.where(valid, p_rollout - mean(p_rollout), 0.0)
+  variance = jnp.sum(centred_old ** 2) * jnp.sum(centred_rollout ** 2)
+  pearson = jnp.where(variance > 0, jnp.sum(centred_old * centred_rollout)
+                      / jnp.sqrt(jnp.where(variance > 0, variance, 1.0)), 0.0)
+  capped = masked = jnp.zeros(valid.shape, bool)
+  if cfg is not None and cfg.rollout_correction != "none":
+    _, capped, masked = rollout_correction_factor(old, rollout, valid, cfg)
+  return {
+      "rollout_ess_token": _effective_sample_size(log_w, valid),
+      "rollout_ess_seq": _effective_sample_size(jnp.sum(log_w, axis=-1), seq_valid),
+      "rollout_weight_mean": mean(weights),
+      "rollout_weight_min": extreme(weights, jnp.min, jnp.inf),
+      "rollout_weight_max": extreme(weights, jnp.max, -jnp.inf),
+      "rollout_capped_frac": mean(capped.astype(jnp.float32)),
+      "rollout_masked_frac": mean(masked.astype(jnp.float32)),
+      "rollout_abs_log_diff_mean": mean(jnp.abs(log_w)),
+      "rollout_abs_log_diff_max": extreme(jnp.abs(log_w), jnp.max, -jnp.inf),
+      "rollout_prob_pearson": pearson,
+  }
 
 
 def _clipped_surrogate(ratio, advantages, eps_low, eps_high):
@@ -209,7 +355,7 @@ def _clipped_surrogate(ratio, advantages, eps_low, eps_high):
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, *,
-                ref_logprobs=None, entropy=None):
+                ref_logprobs=None, entropy=None, rollout_logprobs=None):
   """Loss (minus the objective) of one RL objective, and scalar metrics.
 
   Args:
@@ -223,6 +369,11 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, *,
     ref_logprobs: optional [B, T] log-probs under a reference policy, for the KL term; required
       when cfg.kl_coef > 0. When given, the KL value is reported even with kl_coef = 0.
     entropy: optional [B, T] per-token policy entropy; required when cfg.entropy_coef > 0.
+    rollout_logprobs: optional [B, T] log-probs of the tokens under the policy that sampled them
+      when old_logprobs are the trainer's own (a constant); required when
+      cfg.rollout_correction is not "none", which then multiplies every token's term by
+      `rollout_correction_factor` (w = pi_old / pi_rollout). Ignored with "none": the loss, its
+      gradient and the metrics are exactly those without it.
 
   Returns:
     (loss, metrics): loss a float32 scalar, loss = pg_loss + kl_coef * kl - entropy_coef *
@@ -236,7 +387,8 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, *,
         active and the token has no gradient (A < 0, r < 1 - eps_low / A > 0, r > 1 + eps_high).
       trust_region_masked_frac: fraction of tokens zeroed by cispo's ppo_trust_region mask.
       is_weight_mean, is_weight_min, is_weight_max: the importance weight the objective applies:
-        cispo r_hat (after the cap), PPO family r, gspo s_i, reinforce 1.
+        cispo r_hat (after the cap), PPO family r, gspo s_i, reinforce 1 (the rollout
+        correction's factor comes on top; `rollout_metrics` describes it).
       approx_kl_k3: mean of (r - 1) - log r, the k3 estimate of KL(pi_old || pi_theta).
       logprob_mean: mean of logprobs.  token_count: number of unmasked tokens.
   """
@@ -244,7 +396,12 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, *,
       jnp.asarray(x) for x in (logprobs, old_logprobs, advantages, mask))
   ref_logprobs = None if ref_logprobs is None else jnp.asarray(ref_logprobs)
   entropy = None if entropy is None else jnp.asarray(entropy)
-  _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy)
+  correct_rollout = cfg.rollout_correction != "none"
+  rollout_logprobs = None if rollout_logprobs is None else jnp.asarray(rollout_logprobs)
+  _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, rollout_logprobs)
+  if correct_rollout and rollout_logprobs is None:
+    raise ValueError(f"LossConfig.rollout_correction={cfg.rollout_correction!r} needs the "
+                     f"rollout_logprobs argument.")
   if cfg.kl_coef > 0 and ref_logprobs is None:
     raise ValueError(f"LossConfig.kl_coef={cfg.kl_coef} needs the ref_logprobs argument.")
   if cfg.entropy_coef > 0 and entropy is None:
@@ -289,6 +446,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, cfg: LossConfig, *,
   else:
     objective, clip_low, clip_high = _clipped_surrogate(ratio, advantages, eps_low, eps_high)
     is_weight = sg(ratio)
+  if correct_rollout:
+    rollout_logprobs = sg(jnp.where(valid, rollout_logprobs.astype(jnp.float32), 0.0))
+    factor, _, _ = rollout_correction_factor(old_logprobs, rollout_logprobs, valid, cfg)
+    objective = factor * objective
 
   pg_loss = aggregate(-objective, valid, aggregation, cfg.max_length)
   zero = jnp.zeros((), jnp.float32)

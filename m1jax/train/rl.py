@@ -1,11 +1,18 @@
 """The RL loop: sample G responses per prompt -> rewards -> group advantages -> dynamic sampling ->
-mu off-policy minibatch updates (old log-probs from the sampler) -> metrics.
+[old log-probs recomputed by the trainer] -> mu off-policy minibatch updates -> metrics.
+
+Three policies: the rollout policy that sampled the tokens (the sampler, with the params of
+`rl.rollout_lag` steps ago), the old policy of the objective's ratio (`rl.old_logprobs`:
+the sampler's log-probs, or the trainer's own forward before the first update) and the policy
+being trained. `rl.loss.rollout_correction` corrects for rollout != old, `rl.routing_replay`
+makes the trainer's MoE use the experts the sampler chose (docs/rl_objectives.md).
 
 `rl_update` is the pure, jit-able train step; `train` drives it from a config.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import time
@@ -29,21 +36,30 @@ from m1jax.train.transfer import to_global, to_host
 
 
 class RolloutBatch(NamedTuple):
-  """One minibatch of rollouts for `rl_update`. N rows, P prompt columns, L generated columns."""
+  """One minibatch of rollouts for `rl_update`. N rows, P prompt columns, L generated columns,
+  Ly layers, k experts per token."""
   sequences: jax.Array  # int32 [N, P + L]: left-padded prompt then the response
   sequence_mask: jax.Array  # bool [N, P + L]: real tokens
   response_mask: jax.Array  # float32 [N, L]: tokens that count in the loss (0 on dropped rows)
-  old_logprobs: jax.Array  # float32 [N, L]: sampler log-probs (temperature-scaled, full vocab)
+  # float32 [N, L]: the old policy's log-probs (temperature-scaled, full vocab): the sampler's,
+  # or the trainer's own (rl.old_logprobs=recompute)
+  old_logprobs: jax.Array
   advantages: jax.Array  # float32 [N]
   ref_logprobs: jax.Array | None  # float32 [N, L] when a KL term is used
+  rollout_logprobs: jax.Array | None = None  # float32 [N, L]: the sampler's, when recomputed
+  # experts [N, P + L, Ly, k], mask [N, P + L] (rl.routing_replay): the sampler's experts
+  routing_replay: model.RoutingReplay | None = None
 
 
 def response_logprobs(cfg: ModelConfig, params, sequences, sequence_mask, response_width: int,
-                      temperature: float, vocab_limit: int | None = None):
+                      temperature: float, vocab_limit: int | None = None,
+                      routing_replay: model.RoutingReplay | None = None):
   """Teacher-forced log-probs and entropies of the last `response_width` tokens [N, L], computed
   exactly as the sampler reports them (lm_head_dtype, temperature-scaled, ids < vocab_limit),
-  the LM head in chunks (sampling.head_token_logprobs: no [N, L, V] logits)."""
-  out = model.forward(cfg, params, sequences, token_mask=sequence_mask, compute_logits=False)
+  the LM head in chunks (sampling.head_token_logprobs: no [N, L, V] logits), with the MoE
+  routing of `routing_replay` where given."""
+  out = model.forward(cfg, params, sequences, token_mask=sequence_mask, compute_logits=False,
+                      routing_replay=routing_replay)
   total = sequences.shape[1]
   hidden = out.hidden[:, total - response_width - 1:total - 1]
   targets = sequences[:, total - response_width:]
@@ -56,10 +72,11 @@ def rl_loss(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float, p
             batch: RolloutBatch, vocab_limit: int | None = None):
   width = batch.old_logprobs.shape[1]
   logprobs, entropy, aux = response_logprobs(cfg, params, batch.sequences, batch.sequence_mask,
-                                             width, temperature, vocab_limit)
+                                             width, temperature, vocab_limit,
+                                             batch.routing_replay)
   loss, metrics = losses.policy_loss(logprobs, batch.old_logprobs, batch.advantages,
                                      batch.response_mask, loss_cfg, ref_logprobs=batch.ref_logprobs,
-                                     entropy=entropy)
+                                     entropy=entropy, rollout_logprobs=batch.rollout_logprobs)
   mask = batch.response_mask
   metrics["entropy_mean"] = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1.0)
   metrics["aux_loss"] = aux
@@ -98,14 +115,15 @@ class Rollouts(NamedTuple):
   finish_reasons: np.ndarray  # [R]
   rewards: np.ndarray  # [R]
   correct: np.ndarray  # [R] task reward (correctness)
+  experts: np.ndarray | None = None  # [R, L, Ly, k] (rl.routing_replay): GenerateOutput.experts
 
 
 def _take(r: Rollouts, rows: np.ndarray) -> Rollouts:
-  return Rollouts(*(x[rows] for x in r))
+  return Rollouts(*(None if x is None else x[rows] for x in r))
 
 
 def _concat(parts: list[Rollouts]) -> Rollouts:
-  return Rollouts(*(np.concatenate(xs, axis=0) for xs in zip(*parts)))
+  return Rollouts(*(None if xs[0] is None else np.concatenate(xs, axis=0) for xs in zip(*parts)))
 
 
 class StepStats:
@@ -143,7 +161,7 @@ class Sampler:
                                          top_p=rl.top_p, vocab_limit=ctx.vocab_limit),
         eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
         repetition_window=rl.repetition_window, repetition_prob=rl.repetition_prob,
-        slots=rl.decode_slots, refill_rows=rl.refill_rows)
+        slots=rl.decode_slots, refill_rows=rl.refill_rows, record_experts=rl.routing_replay)
 
   def __call__(self, params, batch: pipeline.PromptBatch, key,
                timer: StepStats | None = None) -> Rollouts:
@@ -164,8 +182,9 @@ class Sampler:
     if overlong.enabled:
       reward = reward + np.asarray(advantages_lib.overlong_penalty(
           jnp.asarray(lengths), overlong.max_length, overlong.cache_length))
+    experts = None if out.experts is None else to_host(out.experts)
     return Rollouts(tokens, mask, completions, to_host(out.logprobs), lengths,
-                    to_host(out.finish_reasons), reward.astype(np.float32), correct)
+                    to_host(out.finish_reasons), reward.astype(np.float32), correct, experts)
 
 
 def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.ConfigDict,
@@ -217,6 +236,18 @@ def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.Confi
   return got, weights, metrics
 
 
+def replay_inputs(rollouts: Rollouts, response_width: int) -> tuple[np.ndarray, np.ndarray]:
+  """The trainer's routing replay for rows of `rollouts` (sampled with experts recorded):
+  experts [R, P + L, Ly, k] (the sampler's, 0 on the prompt) and mask [R, P + L] (True on the
+  response tokens the sampler fed to the model, 0 .. length - 2; the prompt and the last token
+  route as usual)."""
+  rows, width = rollouts.tokens.shape
+  fed = np.arange(response_width)[None] < rollouts.lengths[:, None] - 1
+  prompt = np.zeros((rows, width) + rollouts.experts.shape[2:], rollouts.experts.dtype)
+  return (np.concatenate([prompt, rollouts.experts], axis=1),
+          np.concatenate([np.zeros((rows, width), bool), fed], axis=1))
+
+
 PANELS = {
     "reward": ("reward", "eval/reward", "eval/accuracy"),
     "response length": ("response_length",),
@@ -224,6 +255,32 @@ PANELS = {
     "optimisation": ("grad_norm", "entropy_mean", "approx_kl_k3"),
     "seconds per step": ("time/generate", "time/score", "time/update", "time/eval"),
 }
+# With recomputed old log-probs (rollout_metrics).
+ROLLOUT_PANEL = {
+    "rollout vs old policy": ("rollout_ess_token", "rollout_ess_seq", "rollout_prob_pearson"),
+}
+
+
+class ParamsHistory:
+  """The sampler's params under rollout lag k: those the trainer had k steps ago.
+
+  `sampler_params(params)` is called once per step with the trainer's params at the start of
+  the step; it returns the params of k steps earlier (the first params until k steps have
+  passed). Copies (on device, same shardings) are kept of the last k steps' params, since the
+  train step donates its input. k = 0 returns `params` itself: nothing is copied.
+  """
+
+  def __init__(self, lag: int, shardings=None):
+    self.lag = lag
+    self._kept: collections.deque = collections.deque(maxlen=lag)
+    self._copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)
+
+  def sampler_params(self, params):
+    if self.lag == 0:
+      return params
+    oldest = self._kept[0] if self._kept else params
+    self._kept.append(self._copy(params))
+    return oldest
 
 
 def train(ctx: context.Context, init_params_fn) -> Stage:
@@ -252,15 +309,20 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
                                      vocab_limit=ctx.vocab_limit),
                    in_shardings=(stage.shardings, None), out_shardings=(stage.shardings, None),
                    donate_argnums=0)
-  ref_logprobs_fn = jax.jit(lambda p, s, m: response_logprobs(
-      ctx.model_cfg, p, s, m, rl.max_new_tokens, rl.temperature, ctx.vocab_limit)[0])
+  logprobs_fn = jax.jit(lambda p, s, m, replay: response_logprobs(
+      ctx.model_cfg, p, s, m, rl.max_new_tokens, rl.temperature, ctx.vocab_limit, replay)[0])
+  # A rollout correction needs the old policy's log-probs from the trainer, so it implies them.
+  recompute = rl.old_logprobs == "recompute" or loss_cfg.rollout_correction != "none"
+  rollout_metrics_fn = jax.jit(functools.partial(losses.rollout_metrics, cfg=loss_cfg))
   sampler = Sampler(ctx, rl)
+  history = ParamsHistory(rl.rollout_lag, stage.shardings.params)
   eval_set = context.eval_examples(ctx)
   base_key = jax.random.key(ctx.config.seed)
   group_ids = np.repeat(np.arange(b), g)
 
   def minibatches(rollouts: Rollouts, weights: np.ndarray, advantages: np.ndarray, key):
     order = np.asarray(jax.random.permutation(key, rows))
+    batches = []
     for part in np.split(order, mu):
       r = _take(rollouts, part)
       sequences = np.concatenate([r.tokens, r.completions], axis=1)
@@ -268,22 +330,41 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
       seq_mask = np.concatenate([r.prompt_mask, response > 0], axis=1)
       put = lambda x: to_global(x, ctx.mesh)
       sequences_d, seq_mask_d = put(sequences.astype(np.int32)), put(seq_mask)
-      ref = None if ref_params is None else ref_logprobs_fn(ref_params, sequences_d, seq_mask_d)
-      yield RolloutBatch(sequences_d, seq_mask_d, put(response * weights[part][:, None]),
-                         put(r.logprobs.astype(np.float32)),
-                         put(advantages[part].astype(np.float32)),
-                         ref)
+      replay = (None if r.experts is None else model.RoutingReplay(
+          *(put(x) for x in replay_inputs(r, rl.max_new_tokens))))
+      ref = (None if ref_params is None
+             else logprobs_fn(ref_params, sequences_d, seq_mask_d, replay))
+      batches.append(RolloutBatch(sequences_d, seq_mask_d, put(response * weights[part][:, None]),
+                                  put(r.logprobs.astype(np.float32)),
+                                  put(advantages[part].astype(np.float32)),
+                                  ref, routing_replay=replay))
+    return batches
+
+  def recompute_old_logprobs(params, batches: list[RolloutBatch]):
+    """The trainer's log-probs before the first update become the old policy's; the sampler's
+    the rollout policy's. Also the rollout-vs-old metrics of the whole generation batch."""
+    batches = [batch._replace(old_logprobs=logprobs_fn(params, batch.sequences,
+                                                       batch.sequence_mask, batch.routing_replay),
+                              rollout_logprobs=batch.old_logprobs) for batch in batches]
+    old, rollout, mask = (np.concatenate([to_host(getattr(batch, name)) for batch in batches])
+                          for name in ("old_logprobs", "rollout_logprobs", "response_mask"))
+    metrics = jax.device_get(rollout_metrics_fn(old, rollout, mask))
+    return batches, {k: float(v) for k, v in metrics.items()}
 
   def step_fn(state, step):
     timer = StepStats()
     key = jax.random.fold_in(base_key, step)
-    rollouts, weights, metrics = collect(sampler, state.params, prompt_iter,
-                                         jax.random.fold_in(key, 0), rl, timer)
+    rollouts, weights, metrics = collect(sampler, history.sampler_params(state.params),
+                                         prompt_iter, jax.random.fold_in(key, 0), rl, timer)
     with timer("advantages"):
       advantages = compute_advantages(rl.advantage, rollouts.rewards, group_ids, b)
     update_metrics = []
     with timer("update"):
-      for batch in minibatches(rollouts, weights, advantages, jax.random.fold_in(key, 1)):
+      batches = minibatches(rollouts, weights, advantages, jax.random.fold_in(key, 1))
+      if recompute:
+        batches, rollout_metrics = recompute_old_logprobs(state.params, batches)
+        metrics.update(rollout_metrics)
+      for batch in batches:
         state, m = update(state, batch)
         update_metrics.append(jax.device_get(m))
     metrics.update({k: float(np.mean([float(m[k]) for m in update_metrics]))
@@ -302,7 +383,8 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
       results = evaluation.evaluate(ctx, params, eval_set, rl.max_prompt_len)
     return {**results, **timer.metrics()}
 
-  stage.run(state, prompt_iter, step_fn, panels=PANELS,
+  panels = {**PANELS, **ROLLOUT_PANEL} if recompute else PANELS
+  stage.run(state, prompt_iter, step_fn, panels=panels,
             postfix=("reward", "loss", "time/generate", "time/update"), updates_per_step=mu,
             evaluate=evaluate)
   return stage

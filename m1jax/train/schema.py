@@ -19,6 +19,7 @@ from m1jax.rl import losses, rewards
 MODES = ("sft", "rl", "sft_rl")
 TASKS = ("arithmetic", "countdown", "jsonl")
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "batch_std")
+OLD_LOGPROBS = ("sampler", "recompute")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -63,6 +64,12 @@ def base_config() -> ml_collections.ConfigDict:
       init_from="",  # checkpoint dir of an SFT run; default: this run's SFT stage (mode sft_rl)
       log_every=1,
       eval_every=10,
+      # The old policy of the objective's ratio: the sampler's log-probs, or "recompute": one
+      # trainer forward before the first update (the sampler's become the rollout policy's).
+      # A rollout_correction other than "none" implies recompute.
+      old_logprobs="sampler",
+      routing_replay=False,  # the trainer's MoE uses the sampler's experts for response tokens
+      rollout_lag=0,  # the sampler uses the params of this many steps ago (asynchronous RL)
   ))
   c.rl.overlong = ml_collections.ConfigDict(dict(enabled=False, max_length=32, cache_length=8))
   c.rl.loss = ml_collections.ConfigDict(
@@ -217,6 +224,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           f"must not exceed rl.decode_slots={r.decode_slots}")
   require(r.repetition_window >= 0, "rl.repetition_window", "must be >= 0 (0: off)")
   require(0 <= r.repetition_prob < 1, "rl.repetition_prob", "must be in [0, 1)")
+  require(r.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"must be one of {OLD_LOGPROBS}")
+  require(r.rollout_lag >= 0, "rl.rollout_lag", "must be >= 0 (0: on-policy sampling)")
   if r.overlong.enabled:
     require(0 < r.overlong.cache_length < r.overlong.max_length, "rl.overlong.cache_length",
             "must be in (0, rl.overlong.max_length)")

@@ -1,6 +1,7 @@
 """Tests for m1jax.analysis.mismatch (Figure 3): on the tiny preset in float32 compute the sampler
-(generate's incremental path) and the trainer (full forward) must agree to rounding; the report
-files have one row per generated token; the statistics and the stage loader are checked by hand."""
+(generate's incremental path) and the trainer (full forward, own routing or routing replay) must
+agree to rounding; the report files have one row per generated token and arm; the statistics
+and the stage loader are checked by hand."""
 
 import csv
 import os
@@ -29,24 +30,59 @@ def fp32_setup():
 def test_pairs_cover_every_generated_token(fp32_setup):
   _, _, result = fp32_setup
   assert result.head_dtypes == ("bfloat16", "float32")
+  assert result.arms == (("bfloat16", False), ("float32", False), ("bfloat16", True),
+                         ("float32", True))
   assert result.tokens.shape == (BATCH, NEW_TOKENS) and result.mask.all()
-  for dtype in result.head_dtypes:
-    p_trainer, p_sampler = result.probabilities(dtype)
+  for dtype, replay in result.arms:
+    p_trainer, p_sampler = result.probabilities(dtype, replay)
     assert p_trainer.shape == p_sampler.shape == (BATCH * NEW_TOKENS,)
     assert ((p_trainer > 0) & (p_trainer <= 1)).all()
 
 
-def test_float32_sampler_and_trainer_agree(fp32_setup):
+@pytest.mark.parametrize("routing_replay", [False, True])
+def test_float32_sampler_and_trainer_agree(fp32_setup, routing_replay):
   # float32 compute with a float32 head: the two paths differ only in summation order (~1e-7
-  # relative), so probabilities agree to 1e-5 and Pearson r is 1 to ~1e-10.
+  # relative), so probabilities agree to 1e-5 and Pearson r is 1 to ~1e-10, with either routing.
   _, _, result = fp32_setup
-  p_trainer, p_sampler = result.probabilities("float32")
+  p_trainer, p_sampler = result.probabilities("float32", routing_replay)
   np.testing.assert_allclose(p_sampler, p_trainer, atol=1e-5, rtol=0)
-  stats = result.stats("float32")
+  stats = result.stats("float32", routing_replay=routing_replay)
   assert stats["pearson_r"] > 1 - 1e-9
   assert stats["max_abs_dp"] < 1e-5 and stats["frac_abs_dp_gt_threshold"] == 0
   # The scaled head spreads the sampled tokens' probabilities over (0, 1) (the plot needs it).
   assert np.quantile(p_trainer, 0.1) < 0.1 and np.quantile(p_trainer, 0.9) > 0.5
+
+
+def test_float32_paths_route_alike(fp32_setup):
+  # Rounding-level hidden differences do not change the top-k of any token here, in the
+  # trainer (own routing) nor in the replayed sampler path against generate's own recording.
+  cfg, _, result = fp32_setup
+  assert result.routing_mismatch.shape == (cfg.num_hidden_layers,)
+  assert not result.routing_mismatch.any() and result.generate_routing_mismatch == 0
+
+
+def test_trainer_replays_the_given_experts(fp32_setup):
+  # trainer_hidden with replay_experts routes the fed generated tokens (all but the last) to
+  # them and leaves the last token's routing alone.
+  cfg, params, _ = fp32_setup
+  out = mismatch.sample(cfg, params, mismatch.random_prompts(cfg.vocab_size, 1, 4,
+                                                             jax.random.key(3)),
+                        key=jax.random.key(4), max_new_tokens=6)
+  _, _, own = mismatch.trainer_hidden(cfg, params, out.sequences, out.sequence_mask, 4)
+  other = (own + 1) % cfg.num_local_experts
+  _, _, replayed = mismatch.trainer_hidden(cfg, params, out.sequences, out.sequence_mask, 4, other)
+  np.testing.assert_array_equal(replayed[:, :-1], other[:, :-1])
+  np.testing.assert_array_equal(replayed[:, -1], own[:, -1])
+
+
+def test_routing_mismatch_by_hand():
+  # Token sets {0, 1} vs {1, 0} agree (order does not matter), {0, 2} vs {0, 1} differ; the
+  # masked-out token does not count: layer 0 1 of 2 tokens, layer 1 none.
+  experts = np.array([[[[0, 1], [3, 2]], [[0, 2], [1, 2]], [[5, 5], [5, 5]]]])  # [1, 3, 2, 2]
+  reference = np.array([[[[1, 0], [2, 3]], [[0, 1], [2, 1]], [[0, 1], [0, 1]]]])
+  np.testing.assert_allclose(mismatch.routing_mismatch(experts, reference,
+                                                       np.array([[True, True, False]])),
+                             [0.5, 0.0])
 
 
 def test_replay_reproduces_generate_logprobs(fp32_setup):
@@ -62,9 +98,10 @@ def test_float32_layer_differences_are_tiny(fp32_setup):
   cfg, _, result = fp32_setup
   assert result.layer_rel_l2.shape == result.layer_max_token_rel_l2.shape == (
       cfg.num_hidden_layers,)
-  for values in (result.layer_rel_l2, result.layer_max_token_rel_l2,
-                 [result.final_rel_l2, result.final_max_token_rel_l2]):
-    assert np.isfinite(values).all() and (np.asarray(values) < 1e-5).all()
+  for replay in (False, True):
+    for values in result.layer_stats(replay):
+      assert values.shape == (cfg.num_hidden_layers + 1,)
+      assert np.isfinite(values).all() and (values < 1e-5).all()
   assert result.is_lightning == cfg.is_lightning
 
 
@@ -76,17 +113,24 @@ def test_report_files(fp32_setup, tmp_path):
     assert os.path.getsize(tmp_path / name) > 0
   with open(tmp_path / "fig3_pairs.csv") as f:
     pairs = list(csv.DictReader(f))
-  assert len(pairs) == 2 * BATCH * NEW_TOKENS
-  assert {r["lm_head_dtype"] for r in pairs} == {"bfloat16", "float32"}
+  assert len(pairs) == 4 * BATCH * NEW_TOKENS
+  assert {(r["lm_head_dtype"], r["routing_replay"]) for r in pairs} == {
+      ("bfloat16", "0"), ("float32", "0"), ("bfloat16", "1"), ("float32", "1")}
   with open(tmp_path / "fig3_summary.csv") as f:
-    summary = {r["lm_head_dtype"]: r for r in csv.DictReader(f)}
-  # Written with 9 significant digits.
-  assert float(summary["float32"]["pearson_r"]) == pytest.approx(
-      result.stats("float32")["pearson_r"], abs=1e-8)
+    summary = {(r["lm_head_dtype"], r["routing_replay"]): r for r in csv.DictReader(f)}
+  # Written with 9 significant digits; the paper's value only beside the arms without replay.
+  for replay in (False, True):
+    assert float(summary["float32", str(int(replay))]["pearson_r"]) == pytest.approx(
+        result.stats("float32", routing_replay=replay)["pearson_r"], abs=1e-8)
+  assert summary["bfloat16", "0"]["paper_pearson_r"] == "0.987319"
+  assert summary["bfloat16", "1"]["paper_pearson_r"] == ""
   with open(tmp_path / "fig3_layers.csv") as f:
     layers = list(csv.DictReader(f))
   assert [r["kind"] for r in layers] == (
       ["lightning" if l else "softmax" for l in cfg.is_lightning] + ["final"])
+  assert [float(r["routing_mismatch"]) for r in layers[:-1]] == list(result.routing_mismatch)
+  assert float(layers[-1]["replay_rel_l2"]) == pytest.approx(result.replay_final_rel_l2,
+                                                             rel=1e-5)
 
 
 def test_probability_stats_by_hand():

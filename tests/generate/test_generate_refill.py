@@ -80,3 +80,15 @@ def test_refill_arguments_are_checked():
     generate.GenerateConfig(slots=4, refill_rows=5)
   with pytest.raises(ValueError, match="slots"):
     generate.GenerateConfig(slots=-1)
+
+
+def test_refill_records_the_experts_of_the_static_batch():
+  """Routing replay needs the experts each fed token was routed to: refill records the same."""
+  cfg, params = _model()
+  gen = generate.GenerateConfig(max_new_tokens=20, repetition_window=0, eos_token_ids=EOS,
+                                sampling=generate.SamplingConfig(0.0), record_experts=True)
+  static = jax.device_get(generate.generate(cfg, params, _prompts(), gen))
+  refill = jax.device_get(generate.generate(cfg, params, _prompts(), gen, slots=4, refill_rows=2))
+  np.testing.assert_array_equal(refill.tokens, static.tokens)
+  np.testing.assert_array_equal(refill.experts, static.experts)
+  assert static.experts.shape == (10, 20, cfg.num_hidden_layers, cfg.num_experts_per_tok)
