@@ -71,6 +71,28 @@ def test_bad_configs_fail_fast_naming_the_key(override, message, tmp_path):
   assert not os.listdir(tmp_path)  # nothing was started
 
 
+@pytest.mark.parametrize("override, line", [
+    ("--config.rl.step=5", "config.rl.step: unknown key; did you mean config.rl.steps?"),
+    ("--config.rll.steps=5", "config.rll: unknown key; did you mean config.rl?"),
+])
+def test_misspelled_override_is_one_line_with_the_suggestion(override, line, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/demo.py",
+                           f"--workdir={tmp_path}", override], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.strip() == line
+  assert not os.listdir(tmp_path)
+
+
+def test_unknown_key_names_the_full_path():
+  config = schema.base_config()
+  assert schema.unknown_key(config, "rl.loss.kind") is None
+  assert schema.unknown_key(config, "rl.loss.kindd") == (
+      "config.rl.loss.kindd: unknown key; did you mean config.rl.loss.kind?")
+  assert schema.unknown_key(config, "rl.steps.x").startswith("config.rl.steps=100 is a value")
+  assert "known keys here: ['checkpoint'," in schema.unknown_key(config, "zzzz")
+
+
 def test_base_and_shipped_configs_validate():
   for name in ("configs/demo.py",) + tuple(
       os.path.join("configs", d, f) for d in ("rl", "sft")
@@ -84,8 +106,9 @@ def test_base_and_shipped_configs_validate():
     assert "python -m experiments.train --config=" + name in module.__doc__, name
 
 
-def test_sft_learns_and_writes_outputs(tmp_path):
-  summary = driver.run_from_config(_micro(**{"mode": "sft", "sft.steps": 12}), str(tmp_path))
+def test_sft_learns_and_writes_outputs(tmp_path, capsys):
+  config = _micro(**{"mode": "sft", "sft.steps": 12, "sft.eval_every": 6})
+  summary = driver.run_from_config(config, str(tmp_path))
   records = _records(tmp_path, "sft")
   assert [r["step"] for r in records] == list(range(13))
   losses_ = [r["nll"] for r in records if "nll" in r]
@@ -94,6 +117,17 @@ def test_sft_learns_and_writes_outputs(tmp_path):
   for name in ("metrics.png", "tensorboard", "checkpoints"):
     assert os.path.exists(tmp_path / "sft" / name)
   assert "held-out reward" in driver.format_summary(summary)
+  assert not summary["complete_before_run"]
+  # Every evaluation is printed as it happens.
+  printed = [line for line in capsys.readouterr().out.splitlines() if "held-out accuracy" in line]
+  assert [line.split(":")[0] for line in printed] == ["sft step 0/12", "sft step 6/12",
+                                                      "sft step 12/12"]
+  # A rerun has nothing to do and says so, with the results.
+  again = driver.run_from_config(config, str(tmp_path))
+  text = driver.format_summary(again)
+  assert again["complete_before_run"] and text.startswith("Nothing to do: the run in")
+  assert f"{tmp_path}/sft/metrics.png" in text
+  assert "held-out accuracy" not in capsys.readouterr().out  # nothing was evaluated again
 
 
 def test_rl_resume_after_interrupt_matches_straight_run(tmp_path, monkeypatch):
