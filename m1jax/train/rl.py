@@ -22,6 +22,7 @@ from m1jax.generate import sampling
 from m1jax.rl import advantages as advantages_lib
 from m1jax.rl import losses
 from m1jax.train import context, evaluation, optimizer as optimizer_lib, state as state_lib
+from m1jax.train import metrics as metrics_lib
 from m1jax.train.stage import Stage
 from m1jax.train.transfer import to_global, to_host
 
@@ -172,13 +173,16 @@ def collect(sampler: Sampler, params, prompt_iter, key, rl: ml_collections.Confi
   return got, weights, metrics
 
 
-PANELS = {
-    "reward": ("reward", "eval/reward", "eval/accuracy"),
-    "response length": ("response_length",),
-    "clip / IS weights": ("clip_frac_high", "clip_frac_low", "is_weight_mean", "is_weight_max"),
-    "optimisation": ("grad_norm", "entropy_mean", "approx_kl_k3"),
-}
-
+PANELS = (
+    metrics_lib.Panel("reward", "reward / accuracy", ("reward", "eval/reward", "eval/accuracy")),
+    metrics_lib.Panel("response length", "tokens", ("response_length",)),
+    metrics_lib.Panel("clipping and IS weights", "fraction of tokens",
+                      ("clip_frac_high", "clip_frac_low"), "IS weight pi / pi_old",
+                      ("is_weight_mean", "is_weight_max")),
+    metrics_lib.Panel("optimisation", "global grad norm before clipping", ("grad_norm",),
+                      "entropy (nats / token)", ("entropy_mean",)),
+    metrics_lib.Panel("policy change per step", "approx. KL(pi_old || pi), k3", ("approx_kl_k3",)),
+)
 
 def train(ctx: context.Context, init_params_fn) -> Stage:
   """Runs (or resumes) the RL stage in workdir/rl. init_params_fn(param_shardings) gives the
