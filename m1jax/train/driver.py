@@ -50,7 +50,9 @@ def _init_from(ctx: context.Context, stage_dir: str):
   try:
     return stage.restore_params(ctx, stage_dir, ctx.config.sft)
   except ValueError as e:
-    raise ValueError(f"config.rl.init_from={stage_dir!r}: {e}") from None
+    raise ValueError(f"config.rl.init_from={stage_dir!r}: {e}; train that SFT stage first (the "
+                     "config file's docstring gives the command; for configs/rl/*_arithmetic.py, "
+                     "`make ablation OBJECTIVE=<kind>` runs both)") from None
 
 
 def stage_params(stage_dir: str):
