@@ -1,7 +1,10 @@
 """HF safetensors checkpoints <-> m1jax params, one tensor at a time.
 
-Reading keeps at most the converted params plus one checkpoint tensor in host memory: every
-parameter is preallocated in its final layout and filled as tensors stream in. The on-disk
+Every HF tensor is described by the blocks of params it fills (`_Slot` / `_Piece`: a reshape, a
+pick and a transpose). `load_params` preallocates every parameter on the host in its final
+layout and fills it as tensors are read (host memory: the converted params plus one tensor);
+`load_sharded` fills only the device blocks this process holds, from safetensors slices, one
+block at a time (host memory: about one block; `load_plan` gives the numbers). The on-disk
 per-expert names (`block_sparse_moe.experts.{e}.w1/w2/w3`) and transformers 5.x fused expert
 names (`mlp.experts.gate_up_proj` / `down_proj`) are both accepted; the lightning decay buffers
 (`slope_rate`, `query_decay`, `key_decay`, `diagonal_decay`) are recomputed, so they are skipped.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax import model, sharding
+from m1jax import convert, model, sharding
 from m1jax.rl import losses, rewards
 from m1jax.train import context, driver, optimizer as optimizer_lib, rl as rl_trainer, schema
 from m1jax.train import stage as stage_lib
@@ -207,13 +207,17 @@ def test_rl_update_on_8_devices_equals_one_device():
 
 
 def test_two_process_run_on_localhost(tmp_path):
-  """jax.distributed with 2 CPU processes (2 devices each): a 2-step SFT run completes."""
+  """jax.distributed with 2 CPU processes (2 devices each): a 2-step SFT run, starting from a
+  HF checkpoint that each process streams into its own devices' blocks, completes."""
   import portpicker  # pylint: disable=g-import-not-at-top
   port = portpicker.pick_unused_port()
+  model_cfg = schema.model_from_config(_micro().model)
+  convert.save_hf(model_cfg, model.init(model_cfg, jax.random.key(0)), tmp_path / "hf")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_PLATFORMS": "cpu"}
   common = [sys.executable, "-m", "experiments.train", "--config=tests/train/micro_config.py",
             f"--workdir={tmp_path}", "--config.mode=sft", "--config.sft.steps=2",
+            f"--config.model.hf_dir={tmp_path / 'hf'}",
             "--num_processes=2", f"--coordinator_address=localhost:{port}"]
   procs = [subprocess.Popen(common + [f"--process_id={i}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
