@@ -8,6 +8,8 @@ Rerunning with the same --workdir resumes. Several processes (hosts, or local pr
 add --num_processes=N --process_id=i --coordinator_address=host:port to each.
 """
 
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -20,6 +22,34 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", "", "host:port of proc
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _unknown_override(argv) -> str | None:
+  """The message for the first `--config.<key>` override of `argv` that names no key of the
+  config file given by --config (None when every override names a key)."""
+  args = [a for a in argv[1:] if a != "--"]
+  path, keys = None, []
+  for i, arg in enumerate(args):
+    name, has_value, value = arg.lstrip("-").partition("=")
+    if name == "config":
+      path = value if has_value else (args[i + 1] if i + 1 < len(args) else None)
+    elif name.startswith("config."):
+      keys.append(name.removeprefix("config."))
+  if path is None:
+    return None
+  config = schema.load_config(path)
+  return next(filter(None, (schema.unknown_key(config, key) for key in keys)), None)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, except that a misspelled `--config.<key>` override stops with one line
+  naming the key's full path and the closest known key, exit code 2 (ml_collections raises
+  AttributeError / KeyError with a traceback there)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    print(_unknown_override(argv) or f"--config override: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv):
@@ -38,4 +68,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -95,3 +95,46 @@ def param_shardings(logical_specs, abstract_params, mesh: Mesh):
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) dim over data, fsdp and expert; the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp", "expert"), *([None] * (ndim - 1))))
+
+
+# A block of an array: (start, stop) per dimension.
+Box = tuple[tuple[int, int], ...]
+
+
+def local_blocks(sharding: jax.sharding.Sharding, shape) -> dict[Box, list[Any]]:
+  """The distinct blocks of an array of `shape` that this process's devices hold under
+  `sharding`, each with the local devices holding it (replicated copies share one block)."""
+  blocks: dict[Box, list[Any]] = {}
+  for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+    box = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+    blocks.setdefault(box, []).append(device)
+  return blocks
+
+
+def box_shape(box: Box) -> tuple[int, ...]:
+  return tuple(stop - start for start, stop in box)
+
+
+def _put(value: np.ndarray, device) -> jax.Array:
+  # On CPU the "device" buffer may alias a 64-byte aligned host array (zero copy): the block
+  # then lives on as device memory; elsewhere it is copied.
+  return jax.device_put(value, device)
+
+
+def array_from_blocks(shape, dtype, sharding: jax.sharding.Sharding, blocks) -> jax.Array:
+  """A global jax.Array from host blocks: `blocks` yields (box, numpy array) for every box of
+  local_blocks(sharding, shape); each block is copied to its devices as it arrives, so the host
+  holds one block at a time when `blocks` is a generator. Nothing is compiled."""
+  devices = local_blocks(sharding, shape)
+  arrays = []
+  for box, value in blocks:
+    if value.shape != box_shape(box) or value.dtype != dtype:
+      raise ValueError(f"block {box}: got {value.shape} {value.dtype}, expected "
+                       f"{box_shape(box)} {np.dtype(dtype)}")
+    placed = [_put(value, device) for device in devices.pop(box)]
+    jax.block_until_ready(placed)  # the block is dropped once its copies are made
+    arrays.extend(placed)
+    del value
+  if devices:
+    raise ValueError(f"blocks {sorted(devices)} of the sharding were not given")
+  return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays, dtype=dtype)

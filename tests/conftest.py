@@ -17,6 +17,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+@pytest.fixture
+def blocks_copied_to_devices(monkeypatch):
+  """Host-memory tests: on CPU, device_put may keep an aligned numpy block as the device buffer
+  (zero copy), which tracemalloc would count as host memory; a device-side copy frees the block,
+  as a transfer to a GPU would."""
+  from m1jax import sharding  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(sharding, "_put", lambda value, device: jax.device_put(
+      jax.device_put(value, device), device, may_alias=False))
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   if any(d.platform == "gpu" for d in jax.devices()):

@@ -2,7 +2,10 @@ r"""SFT on worked 1-2 digit additions: the warm start of the RL ablations in con
 
   python -m experiments.train --config=configs/sft/arithmetic.py --workdir=workdirs/sft_arithmetic
 
-Expected on 2 CPU cores: about 3 minutes; held-out accuracy ~0.2.
+200 steps, about 2-3 minutes on 2 CPU cores. Held-out accuracy after them, measured
+2026-12-01 (constraints.txt): 0.285, 0.141, 0.035 for seeds 0, 1, 2. At 200 steps the model is
+still learning to carry digits, so the result moves with the seed and with float rounding
+(docs/training.md); the demo trains 400 steps.
 """
 
 from configs import common

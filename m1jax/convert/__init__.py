@@ -8,25 +8,29 @@ from typing import Any
 import jax
 
 from m1jax.config import ModelConfig
-from m1jax.convert.hf import export_tensors, load_params, save_checkpoint
+from m1jax.convert.hf import LoadPlan, export_tensors, load_params, load_plan, load_sharded
+from m1jax.convert.hf import save_checkpoint
 
-__all__ = ["load_hf", "save_hf", "export_tensors"]
+__all__ = ["load_hf", "save_hf", "export_tensors", "load_plan", "LoadPlan"]
 
 
 def load_hf(ckpt_dir: str | os.PathLike, *, shardings=None,
             **config_overrides) -> tuple[ModelConfig, Any]:
-  """Reads config.json and (sharded) safetensors, one tensor at a time.
+  """Reads config.json and (sharded) safetensors -> (cfg, params).
 
   config_overrides set ModelConfig fields (e.g. dtype="float32", param_dtype="bfloat16").
-  shardings: optional pytree of jax.sharding.Sharding matching params (device_put per leaf);
-  by default params go to the default device. Returns (cfg, params).
+  shardings: a pytree of jax.sharding.Sharding matching params (e.g. sharding.param_shardings):
+  each tensor is streamed into the blocks of the devices that hold it, reading only those
+  slices, so a process holds about one block in host memory (`load_plan` gives the numbers;
+  the shardings are a function of cfg, so build them from ModelConfig.from_hf(ckpt_dir)).
+  Without shardings the params are assembled on the host, one tensor at a time, then placed on
+  the default device (host memory: the whole model).
   """
   ckpt_dir = os.fspath(ckpt_dir)
   cfg = ModelConfig.from_hf(ckpt_dir, **config_overrides)
-  params = load_params(cfg, ckpt_dir)
-  if shardings is None:
-    return cfg, jax.tree.map(jax.device_put, params)
-  return cfg, jax.tree.map(jax.device_put, params, shardings)
+  if shardings is not None:
+    return cfg, load_sharded(cfg, ckpt_dir, shardings)
+  return cfg, jax.tree.map(jax.device_put, load_params(cfg, ckpt_dir))
 
 
 def save_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, *, dtype: str | None = None,

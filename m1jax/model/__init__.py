@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m1jax import sharding as sharding_lib
 from m1jax.config import ModelConfig
 from m1jax.model.moe import RouterStats, RoutingReplay, aux_loss, expert_id_dtype
 from m1jax.model.transformer import DecodeCache, Transformer, init_cache, lm_head_logits
@@ -67,30 +68,64 @@ def _canonical_leaves(cfg: ModelConfig, shapes) -> list[tuple[tuple[str, ...], A
   return out
 
 
+def _draw(cfg: ModelConfig, rng: np.random.Generator, name: tuple[str, ...], shape, dtype):
+  """One tensor of the init stream: ones for norm scales (no draws), else normal * range."""
+  if name[-1] == "scale":
+    return np.ones(shape, dtype)
+  value = rng.standard_normal(shape, np.float32)
+  value *= np.float32(cfg.initializer_range)
+  return value.astype(dtype, copy=False)
+
+
 def init(cfg: ModelConfig, key: jax.Array, shardings=None) -> dict[str, Any]:
   """Random parameters as a plain pytree: normal(0, initializer_range) matrices, ones for norms.
 
-  Shapes come from the modules (jax.eval_shape). The numbers are drawn on the host with numpy
-  (PCG64 seeded from `key`), tensor by tensor in the sorted order of their per-layer names
-  (`layers_{l}/attn/qkv`, ...): nothing is compiled, the result is the same on every backend and
-  process, and a layer's values do not depend on how the layers are grouped for the scan.
-  `shardings` (a matching pytree of jax Shardings) places each leaf as it is made.
+  Shapes come from the modules (`abstract_params(cfg)`: the pytree of jax.ShapeDtypeStructs,
+  nothing allocated; `jax.eval_shape(model.init, ...)` does not work, since init draws on the
+  host). The numbers are drawn on the host with numpy from one PCG64 stream seeded from `key`,
+  tensor by tensor in the sorted order of their per-layer names (`layers_{l}/attn/qkv`, ...):
+  nothing is compiled, the result is the same on every backend and process, and a layer's values
+  do not depend on how the layers are grouped for the scan.
+
+  `shardings` (a matching pytree of jax Shardings): each process builds only the blocks its own
+  devices hold, with the same values as without shardings. The stream is sequential (normal
+  draws use rejection sampling, so a position in it cannot be computed), so every process first
+  runs through the whole stream once, recording where each tensor starts; then, leaf by leaf, it
+  re-draws the tensors of that leaf (one per layer row), copies their local parts into the
+  leaf's local blocks and places those on the devices. Host memory: one leaf's local blocks plus
+  one tensor (instead of the whole model); time: two passes over the stream.
   """
   shapes = abstract_params(cfg)
-  values = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), shapes)
-  value_leaves = jax.tree.leaves(values)
-  slots = {id(leaf): array for leaf, array in zip(jax.tree.leaves(shapes), value_leaves)}
   rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-  for name, leaf, row in sorted(_canonical_leaves(cfg, shapes), key=lambda item: item[0]):
-    shape = leaf.shape[len(row):]
-    if name[-1] == "scale":
-      value = np.ones(shape, np.float32)
-    else:
-      value = rng.standard_normal(shape, np.float32) * np.float32(cfg.initializer_range)
-    slots[id(leaf)][row] = value.astype(leaf.dtype)
+  order = sorted(_canonical_leaves(cfg, shapes), key=lambda item: item[0])
   if shardings is None:
+    values = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), shapes)
+    slots = {id(leaf): array for leaf, array in zip(jax.tree.leaves(shapes),
+                                                    jax.tree.leaves(values))}
+    for name, leaf, row in order:
+      slots[id(leaf)][row] = _draw(cfg, rng, name, leaf.shape[len(row):], leaf.dtype)
     return jax.tree.map(jnp.asarray, values)
-  return jax.tree.map(jax.device_put, values, shardings)
+
+  starts: dict[int, list[tuple[tuple[str, ...], tuple, dict]]] = {}  # leaf -> (name, row, state)
+  for name, leaf, row in order:
+    starts.setdefault(id(leaf), []).append((name, row, rng.bit_generator.state))
+    _draw(cfg, rng, name, leaf.shape[len(row):], leaf.dtype)
+
+  def build(leaf, leaf_sharding):
+    blocks = {box: np.empty(sharding_lib.box_shape(box), leaf.dtype)
+              for box in sharding_lib.local_blocks(leaf_sharding, leaf.shape)}
+    for name, row, state in starts[id(leaf)]:
+      rng.bit_generator.state = state
+      value = _draw(cfg, rng, name, leaf.shape[len(row):], leaf.dtype)
+      for box, block in blocks.items():
+        lead, rest = box[:len(row)], box[len(row):]
+        if all(start <= r < stop for r, (start, stop) in zip(row, lead)):
+          at = tuple(r - start for r, (start, _) in zip(row, lead))
+          block[at] = value[tuple(slice(start, stop) for start, stop in rest)]
+      del value
+    return sharding_lib.array_from_blocks(leaf.shape, leaf.dtype, leaf_sharding, blocks.items())
+
+  return jax.tree.map(build, shapes, shardings)
 
 
 def compute_params(cfg: ModelConfig, params) -> dict[str, Any]:

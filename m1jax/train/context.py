@@ -98,6 +98,5 @@ def eval_examples(ctx: Context) -> list:
 def initial_params(ctx: Context, shardings):
   """Params to start from: the HF checkpoint when config.model.hf_dir is set, else a random init."""
   if ctx.config.model.hf_dir:
-    params = convert.hf.load_params(ctx.model_cfg, ctx.config.model.hf_dir)
-    return jax.tree.map(jax.device_put, params, shardings)
+    return convert.load_sharded(ctx.model_cfg, ctx.config.model.hf_dir, shardings)
   return model.init(ctx.model_cfg, jax.random.key(ctx.config.seed), shardings)

@@ -22,9 +22,11 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
   summary = {"workdir": os.path.abspath(workdir)}
+  stages = []
   sft_stage = None
   if config.mode in ("sft", "sft_rl"):
     sft_stage = sft.train(ctx)
+    stages.append(sft_stage)
     summary["sft"] = _stage_summary(sft_stage.dir)
   if config.mode in ("rl", "sft_rl"):
     if config.rl.init_from:
@@ -34,7 +36,9 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
     else:
       init_params = lambda shardings: context.initial_params(ctx, shardings)
     rl_stage = rl.train(ctx, init_params)
+    stages.append(rl_stage)
     summary["rl"] = _stage_summary(rl_stage.dir)
+  summary["complete_before_run"] = all(s.complete_at_start for s in stages)
   if ctx.is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=2)
@@ -46,7 +50,9 @@ def _init_from(ctx: context.Context, stage_dir: str):
   try:
     return stage.restore_params(ctx, stage_dir, ctx.config.sft)
   except ValueError as e:
-    raise ValueError(f"config.rl.init_from={stage_dir!r}: {e}") from None
+    raise ValueError(f"config.rl.init_from={stage_dir!r}: {e}; train that SFT stage first (the "
+                     "config file's docstring gives the command; for configs/rl/*_arithmetic.py, "
+                     "`make ablation OBJECTIVE=<kind>` runs both)") from None
 
 
 def stage_params(stage_dir: str):
@@ -86,7 +92,12 @@ def _stage_summary(stage_dir: str) -> dict:
 
 def format_summary(summary: dict) -> str:
   """A few lines for the terminal: held-out reward before/after each stage and where outputs are."""
-  lines = [f"run directory: {summary['workdir']}"]
+  workdir = summary["workdir"]
+  lines = []
+  if summary.get("complete_before_run"):
+    lines.append(f"Nothing to do: the run in {workdir} is complete (every stage's last checkpoint "
+                 "is at its final step). Its results follow; to train again use another --workdir.")
+  lines.append(f"run directory: {workdir} (summary.json, config.json)")
   for name in ("sft", "rl"):
     s = summary.get(name)
     if not s:
@@ -96,5 +107,5 @@ def format_summary(summary: dict) -> str:
     lines.append(
         f"{name}: held-out reward {start:.3f} -> {end:.3f} ({end - start:+.3f}), accuracy "
         f"{acc_start:.3f} -> {acc_end:.3f}, steps {s['first_step']}..{s['last_step']}, "
-        f"{s.get('time_s') or 0:.0f} s; curves: {summary['workdir']}/{name}/metrics.png")
+        f"{s.get('time_s') or 0:.0f} s; curves: {workdir}/{name}/metrics.png")
   return "\n".join(lines)

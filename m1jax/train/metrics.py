@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
@@ -64,27 +65,103 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(records: Sequence[Mapping[str, Any]], panels: Mapping[str, Sequence[str]],
-                 path: str, title: str = "") -> None:
-  """One subplot per panel name, each plotting the listed metric keys vs step, to a PNG."""
+class Panel(NamedTuple):
+  """One subplot of metrics.png: `keys` against step on the left y axis (labelled `ylabel`), and
+  `right_keys` on a second y axis (`right_ylabel`) for a quantity of another scale."""
+  title: str
+  ylabel: str
+  keys: tuple[str, ...]
+  right_ylabel: str = ""
+  right_keys: tuple[str, ...] = ()
+
+
+# Line style and marker of the n-th curve of an axis: curves that coincide stay distinguishable.
+_STYLES = (("-", "o", 4), ("--", "x", 7), (":", "^", 5), ("-.", "s", 4))
+
+
+def _series(records, key):
+  points = [(r["step"], r[key]) for r in records
+            if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+  return tuple(zip(*points)) if points else None
+
+
+def _plot_keys(ax, records, keys, ylabel, first_color=0):
+  """Plots `keys` on `ax` in colours C{first_color}, ...; a curve identical to an earlier one of
+  the axis says so in its label. Returns the number of keys."""
+  drawn = {}
+  for n, key in enumerate(keys):
+    series = _series(records, key)
+    if series is None:
+      continue
+    same = [k for k, s in drawn.items() if s == series]
+    linestyle, marker, size = _STYLES[n % len(_STYLES)]
+    ax.plot(*series, label=key + (f" (= {same[0]})" if same else ""), color=f"C{first_color + n}",
+            linestyle=linestyle, marker=marker if len(series[0]) < 30 else None,
+            markersize=size, markerfacecolor="none")
+    drawn[key] = series
+  ax.set_ylabel(ylabel)
+  return len(keys)
+
+
+def figure(records: Sequence[Mapping[str, Any]], panels: Sequence[Panel], title: str = ""):
+  """The matplotlib Figure of `panels` (one subplot each) over `records` ({"step": s, key: v})."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-  for ax, (panel, keys) in zip(axes[0], panels.items()):
-    for key in keys:
-      points = [(r["step"], r[key]) for r in records
-                if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
-      if points:
-        steps, values = zip(*points)
-        ax.plot(steps, values, label=key, marker="." if len(points) < 30 else None)
-    ax.set_title(panel)
+  cols = min(len(panels), 3)
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows + 0.5), squeeze=False)
+  for ax in axes.flat[len(panels):]:
+    fig.delaxes(ax)
+  for ax, panel in zip(axes.flat, panels):
+    colors = _plot_keys(ax, records, panel.keys, panel.ylabel)
+    handles, labels = ax.get_legend_handles_labels()
+    if panel.right_keys:
+      right = ax.twinx()
+      _plot_keys(right, records, panel.right_keys, panel.right_ylabel, first_color=colors)
+      more_handles, more_labels = right.get_legend_handles_labels()
+      handles, labels = handles + more_handles, labels + more_labels
+    ax.set_title(panel.title, fontsize=10)
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if handles:
+      ax.legend(handles, labels, fontsize=7)
   if title:
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
   fig.tight_layout()
+  return fig
+
+
+def plot_metrics(records: Sequence[Mapping[str, Any]], panels: Sequence[Panel], path: str,
+                 title: str = "") -> None:
+  """Writes `figure(records, panels, title)` to the PNG at `path`."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig = figure(records, panels, title)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def plot_title(config, stage: str) -> str:
+  """The title of a stage's metrics.png: task, model and the settings that shape the curves."""
+  m = config.model
+  model = (f"model {os.path.basename(os.path.normpath(m.hf_dir))}" if m.hf_dir else
+           f"model {m.num_hidden_layers} layers x {m.hidden_size}, "
+           f"{m.num_local_experts} experts (top {m.num_experts_per_tok})")
+  s = config[stage]
+  o = s.optimizer
+  lr = f"lr {o.learning_rate:g} ({o.schedule}, warmup {o.warmup_steps}, clip {o.grad_clip:g})"
+  if stage == "sft":
+    settings = f"batch {s.batch_size}, {s.steps} steps"
+  else:
+    from m1jax.rl import losses  # pylint: disable=g-import-not-at-top
+    defaults = {f.name: f.default for f in dataclasses.fields(losses.LossConfig)}
+    loss = s.loss.to_dict()
+    extra = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in loss.items()
+             if k != "kind" and v is not None
+             and (v != defaults[k] or (k == "is_ratio_cap" and loss["kind"] == "cispo"))]
+    settings = (f"{loss['kind']}{' (' + ', '.join(extra) + ')' if extra else ''}, "
+                f"{s.prompts_per_step} prompts x {s.samples_per_prompt} samples, "
+                f"{s.updates_per_batch} updates/batch, advantage {s.advantage}, "
+                f"{s.steps} steps")
+  return f"{stage} on {config.task.name}: {settings}, {lr}\n{model}, seed {config.seed}"

@@ -31,6 +31,7 @@ from m1jax.generate import sampling
 from m1jax.rl import advantages as advantages_lib
 from m1jax.rl import losses
 from m1jax.train import context, evaluation, optimizer as optimizer_lib, state as state_lib
+from m1jax.train import metrics as metrics_lib
 from m1jax.train.stage import Stage
 from m1jax.train.transfer import to_global, to_host
 
@@ -248,17 +249,23 @@ def replay_inputs(rollouts: Rollouts, response_width: int) -> tuple[np.ndarray, 
           np.concatenate([np.zeros((rows, width), bool), fed], axis=1))
 
 
-PANELS = {
-    "reward": ("reward", "eval/reward", "eval/accuracy"),
-    "response length": ("response_length",),
-    "clip / IS weights": ("clip_frac_high", "clip_frac_low", "is_weight_mean", "is_weight_max"),
-    "optimisation": ("grad_norm", "entropy_mean", "approx_kl_k3"),
-    "seconds per step": ("time/generate", "time/score", "time/update", "time/eval"),
-}
+PANELS = (
+    metrics_lib.Panel("reward", "reward / accuracy", ("reward", "eval/reward", "eval/accuracy")),
+    metrics_lib.Panel("response length", "tokens", ("response_length",)),
+    metrics_lib.Panel("clipping and IS weights", "fraction of tokens",
+                      ("clip_frac_high", "clip_frac_low"), "IS weight pi / pi_old",
+                      ("is_weight_mean", "is_weight_max")),
+    metrics_lib.Panel("optimisation", "global grad norm before clipping", ("grad_norm",),
+                      "entropy (nats / token)", ("entropy_mean",)),
+    metrics_lib.Panel("policy change per step", "approx. KL(pi_old || pi), k3", ("approx_kl_k3",)),
+    metrics_lib.Panel("seconds per step", "seconds",
+                      ("time/generate", "time/score", "time/update", "time/eval")),
+)
 # With recomputed old log-probs (rollout_metrics).
-ROLLOUT_PANEL = {
-    "rollout vs old policy": ("rollout_ess_token", "rollout_ess_seq", "rollout_prob_pearson"),
-}
+ROLLOUT_PANELS = (
+    metrics_lib.Panel("rollout vs old policy", "effective sample size / Pearson r",
+                      ("rollout_ess_token", "rollout_ess_seq", "rollout_prob_pearson")),
+)
 
 
 class ParamsHistory:
@@ -383,7 +390,7 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
       results = evaluation.evaluate(ctx, params, eval_set, rl.max_prompt_len)
     return {**results, **timer.metrics()}
 
-  panels = {**PANELS, **ROLLOUT_PANEL} if recompute else PANELS
+  panels = PANELS + ROLLOUT_PANELS if recompute else PANELS
   stage.run(state, prompt_iter, step_fn, panels=panels,
             postfix=("reward", "loss", "time/generate", "time/update"), updates_per_step=mu,
             evaluate=evaluate)

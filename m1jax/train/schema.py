@@ -8,6 +8,7 @@ overrides are checked the same way after parsing).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib.util
 from typing import Any, Mapping
 
@@ -267,3 +268,20 @@ def cfg_get(cfg: ml_collections.ConfigDict, path: str):
   for key in path.split("."):
     cfg = cfg[key]
   return cfg
+
+
+def unknown_key(cfg: ml_collections.ConfigDict, path: str) -> str | None:
+  """None when the dotted key `path` ("rl.steps") is in `cfg`; else one line naming the first
+  missing key's full path and the closest known key there ("config.rl.step: unknown key; did you
+  mean config.rl.steps?")."""
+  node, walked = cfg, ""
+  for key in path.split("."):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f"config.{walked[:-1]}={node!r} is a value, not a group of keys: no key {key!r}"
+    if key not in node:
+      close = difflib.get_close_matches(key, list(node.keys()), n=1)
+      hint = (f"did you mean config.{walked}{close[0]}?" if close
+              else f"known keys here: {sorted(node.keys())}")
+      return f"config.{walked}{key}: unknown key; {hint}"
+    node, walked = node[key], f"{walked}{key}."
+  return None

@@ -13,6 +13,7 @@ from m1jax.config import ModelConfig
 from m1jax.data import pipeline
 from m1jax.generate import sampling
 from m1jax.train import context, evaluation, optimizer as optimizer_lib, state as state_lib
+from m1jax.train import metrics as metrics_lib
 from m1jax.train.stage import Stage
 from m1jax.train.transfer import to_global
 
@@ -40,8 +41,12 @@ def sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, state: s
   return state_lib.apply_gradients(optimizer, state, grads, metrics)
 
 
-PANELS = {"loss": ("nll",), "held-out accuracy": ("eval/accuracy", "eval/reward"),
-          "gradient": ("grad_norm",)}
+PANELS = (
+    metrics_lib.Panel("loss", "NLL (nats / demonstration token)", ("nll",)),
+    metrics_lib.Panel("held-out evaluation (greedy)", "accuracy / reward",
+                      ("eval/accuracy", "eval/reward")),
+    metrics_lib.Panel("gradient", "global norm before clipping", ("grad_norm",)),
+)
 
 
 def train(ctx: context.Context) -> Stage:

@@ -49,6 +49,7 @@ class Stage:
     self.progress = None
     self.records: list[dict[str, Any]] = []
     self._t0 = time.time()
+    self.complete_at_start = self.finished()  # a rerun of a finished stage has nothing to do
 
   # --- state -------------------------------------------------------------------------------------
   def finished(self) -> bool:
@@ -99,7 +100,7 @@ class Stage:
 
   # --- the loop ------------------------------------------------------------------------------------
   def run(self, state, data_iter, step_fn: StepFn, *,
-          evaluate: Callable[[Any], dict[str, float]], panels: Mapping[str, Sequence[str]],
+          evaluate: Callable[[Any], dict[str, float]], panels: Sequence[metrics_lib.Panel],
           postfix: Sequence[str] = (), updates_per_step: int = 1):
     """Runs the stage from self.start_step to total_steps; returns the final state.
 
@@ -152,6 +153,8 @@ class Stage:
     if step % self.log_every == 0 or step == self.total_steps or has_eval:
       self.writer.write(step, record)
       self.records.append({"step": step, **record})
+    if has_eval and self.ctx.is_main:
+      self.progress.write(eval_line(self.name, step, self.total_steps, record))
     self.progress.update(step - self.progress.n)
     if postfix:
       self.progress.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
@@ -167,7 +170,7 @@ class Stage:
           f"last at step {step}); they were skipped and a checkpoint was written to "
           f"{self.checkpointer.directory}. Lower the learning rate or inspect metrics.jsonl.")
 
-  def close(self, panels: Mapping[str, Sequence[str]]) -> None:
+  def close(self, panels: Sequence[metrics_lib.Panel]) -> None:
     if self.progress is not None:
       self.progress.close()
     self.checkpointer.close()
@@ -175,7 +178,13 @@ class Stage:
       self.writer.close()
     if self.ctx.is_main and self.records:
       metrics_lib.plot_metrics(self.records, panels, os.path.join(self.dir, "metrics.png"),
-                               title=f"{self.name}: {self.ctx.config.task.name}")
+                               title=metrics_lib.plot_title(self.ctx.config, self.name))
+
+
+def eval_line(name: str, step: int, total_steps: int, record: Mapping[str, Any]) -> str:
+  """The line printed at each held-out evaluation ("sft step 100/200: held-out accuracy ...")."""
+  return (f"{name} step {step}/{total_steps}: held-out accuracy {record['eval/accuracy']:.3f}, "
+          f"reward {record['eval/reward']:.3f}, mean length {record['eval/length']:.1f}")
 
 
 def interruptible(fn: Callable[[], Any], on_interrupt: Callable[[], None]):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from m1jax import convert
-from m1jax import model
 from m1jax.analysis import mismatch
 
 BATCH, PROMPT_LEN, NEW_TOKENS = 2, 8, 24  # 32 tokens: two lightning blocks of the tiny preset (16)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax import model, sharding
+from m1jax import convert, model, sharding
 from m1jax.rl import losses, rewards
 from m1jax.train import context, driver, optimizer as optimizer_lib, rl as rl_trainer, schema
 from m1jax.train import stage as stage_lib
@@ -73,6 +73,28 @@ def test_bad_configs_fail_fast_naming_the_key(override, message, tmp_path):
   assert not os.listdir(tmp_path)  # nothing was started
 
 
+@pytest.mark.parametrize("override, line", [
+    ("--config.rl.step=5", "config.rl.step: unknown key; did you mean config.rl.steps?"),
+    ("--config.rll.steps=5", "config.rll: unknown key; did you mean config.rl?"),
+])
+def test_misspelled_override_is_one_line_with_the_suggestion(override, line, tmp_path):
+  result = subprocess.run([sys.executable, "-m", "experiments.train", "--config=configs/demo.py",
+                           f"--workdir={tmp_path}", override], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+  assert result.returncode == 2
+  assert result.stderr.strip() == line
+  assert not os.listdir(tmp_path)
+
+
+def test_unknown_key_names_the_full_path():
+  config = schema.base_config()
+  assert schema.unknown_key(config, "rl.loss.kind") is None
+  assert schema.unknown_key(config, "rl.loss.kindd") == (
+      "config.rl.loss.kindd: unknown key; did you mean config.rl.loss.kind?")
+  assert schema.unknown_key(config, "rl.steps.x").startswith("config.rl.steps=100 is a value")
+  assert "known keys here: ['checkpoint'," in schema.unknown_key(config, "zzzz")
+
+
 def test_base_and_shipped_configs_validate():
   for name in ("configs/demo.py",) + tuple(
       os.path.join("configs", d, f) for d in ("rl", "sft")
@@ -86,8 +108,9 @@ def test_base_and_shipped_configs_validate():
     assert "python -m experiments.train --config=" + name in module.__doc__, name
 
 
-def test_sft_learns_and_writes_outputs(tmp_path):
-  summary = driver.run_from_config(_micro(**{"mode": "sft", "sft.steps": 12}), str(tmp_path))
+def test_sft_learns_and_writes_outputs(tmp_path, capsys):
+  config = _micro(**{"mode": "sft", "sft.steps": 12, "sft.eval_every": 6})
+  summary = driver.run_from_config(config, str(tmp_path))
   records = _records(tmp_path, "sft")
   assert [r["step"] for r in records] == list(range(13))
   losses_ = [r["nll"] for r in records if "nll" in r]
@@ -96,6 +119,17 @@ def test_sft_learns_and_writes_outputs(tmp_path):
   for name in ("metrics.png", "tensorboard", "checkpoints"):
     assert os.path.exists(tmp_path / "sft" / name)
   assert "held-out reward" in driver.format_summary(summary)
+  assert not summary["complete_before_run"]
+  # Every evaluation is printed as it happens.
+  printed = [line for line in capsys.readouterr().out.splitlines() if "held-out accuracy" in line]
+  assert [line.split(":")[0] for line in printed] == ["sft step 0/12", "sft step 6/12",
+                                                      "sft step 12/12"]
+  # A rerun has nothing to do and says so, with the results.
+  again = driver.run_from_config(config, str(tmp_path))
+  text = driver.format_summary(again)
+  assert again["complete_before_run"] and text.startswith("Nothing to do: the run in")
+  assert f"{tmp_path}/sft/metrics.png" in text
+  assert "held-out accuracy" not in capsys.readouterr().out  # nothing was evaluated again
 
 
 def test_rl_resume_after_interrupt_matches_straight_run(tmp_path, monkeypatch):
@@ -175,13 +209,17 @@ def test_rl_update_on_8_devices_equals_one_device():
 
 
 def test_two_process_run_on_localhost(tmp_path):
-  """jax.distributed with 2 CPU processes (2 devices each): a 2-step SFT run completes."""
+  """jax.distributed with 2 CPU processes (2 devices each): a 2-step SFT run, starting from a
+  HF checkpoint that each process streams into its own devices' blocks, completes."""
   import portpicker  # pylint: disable=g-import-not-at-top
   port = portpicker.pick_unused_port()
+  model_cfg = schema.model_from_config(_micro().model)
+  convert.save_hf(model_cfg, model.init(model_cfg, jax.random.key(0)), tmp_path / "hf")
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
          "JAX_PLATFORMS": "cpu"}
   common = [sys.executable, "-m", "experiments.train", "--config=tests/train/micro_config.py",
             f"--workdir={tmp_path}", "--config.mode=sft", "--config.sft.steps=2",
+            f"--config.model.hf_dir={tmp_path / 'hf'}",
             "--num_processes=2", f"--coordinator_address=localhost:{port}"]
   procs = [subprocess.Popen(common + [f"--process_id={i}"], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
