@@ -11,7 +11,8 @@ Writes to --out_dir: fig3_mismatch.png (scatter per arm: LM-head dtype x routing
 fig3_layers.png, fig3_pairs.csv, fig3_summary.csv, fig3_layers.csv, fig3_tables.md; prints the
 tables.
 
-  # GPU (one H200, several minutes, mostly compilation): small preset, random weights, LM head rescaled (--logit_std).
+  # GPU (one H200, several minutes, mostly compilation): small preset, random weights, LM head
+  # rescaled (--logit_std).
   python -m experiments.figures.fig3_mismatch --out_dir=results/fig3
   # A trained model instead: --params_from=<workdir>/rl (experiments/train.py) or --hf_dir=DIR.
   # CPU smoke run:
