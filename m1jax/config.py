@@ -254,7 +254,7 @@ class ModelConfig:
       raise ValueError(f"{where}: missing architecture key(s) {missing}")
     try:
       fields = _fields_from_hf(raw)
-      _check_field_types(fields)
+      _check_field_types(fields, raw)
       fields.update(overrides)
       return cls(**fields)
     except ValueError as e:
@@ -327,10 +327,10 @@ def _read_json_object(path: str) -> dict[str, Any]:
   return raw
 
 
-def _check_field_types(fields: dict[str, Any]) -> None:
-  """Each value read from a HF config has its field's type (ints for ints, numbers for floats,
-  ...); floats given as integers become floats. Raises ValueError naming the field."""
-  hf_name = {field: key for key, field in _HF_RENAMES.items()}
+def _check_field_types(fields: dict[str, Any], raw: Mapping[str, Any]) -> None:
+  """Each value read from a HF config (`raw`) has its field's type (ints for ints, numbers for
+  floats, ...); floats given as integers become floats. Raises ValueError naming the key."""
+  hf_name = {field: key for key, field in _HF_RENAMES.items() if key in raw}
   for field in dataclasses.fields(ModelConfig):
     if field.name not in fields:
       continue
