@@ -67,7 +67,7 @@ def main(argv):
     schema.validate(_CONFIG.value)  # fail fast, before the heavy imports and devices
     schema.check_paths(_CONFIG.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    raise app.UsageError(str(e), exitcode=2) from None
   from m1jax.train import context, driver, stage  # pylint: disable=g-import-not-at-top
 
   def interrupted_outside_a_stage(signum, frame):
