@@ -7,7 +7,7 @@ r"""Trains from a config: SFT, RL, or SFT then RL.
 Rerunning with the same --workdir resumes. Several processes (hosts, or local processes on CPU):
 add --num_processes=N --process_id=i --coordinator_address=host:port to each.
 
-Exit codes: 0 done; 1 an error (one line; --verbosity=1 adds the traceback); 2 a bad flag or
+Exit codes: 0 done; 1 an error (one line; --verbosity=0 adds the traceback); 2 a bad flag or
 config; 128 + the signal number after Ctrl-C (130) or SIGTERM (143), with one line saying where
 a rerun resumes.
 """

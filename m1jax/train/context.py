@@ -64,7 +64,11 @@ class Context:
     return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
 
 
-def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+def build_context(config: ml_collections.ConfigDict, workdir: str,
+                  read_data: bool = True) -> Context:
+  """The Context of `config`. With `read_data`, JSONL data is read and the examples' lengths are
+  checked against the run's limits (`check_lengths`); without, nothing but the model, tokenizer
+  and mesh is needed (e.g. to read a finished run's params)."""
   tokenizer = load_tokenizer(config.tokenizer)
   model_cfg = schema.model_from_config(config.model)
   if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -75,10 +79,11 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   task, examples = None, None
   if config.task.name != "jsonl":
     task = tasks.make_task(config.task.name, **config.task.kwargs)
+  if read_data and task is not None:  # a sample of the synthetic stream
     sample = [tasks.generate_example(task, seed=config.seed, index=i,
                                      eval_fraction=config.task.eval_fraction) for i in range(64)]
     check_lengths(config, tokenizer, sample, f"task {config.task.name}", drop=False)
-  else:
+  elif read_data:
     examples = check_lengths(config, tokenizer, tasks.read_jsonl(config.task.jsonl_path),
                              config.task.jsonl_path, drop=config.task.drop_long)
   mesh = sharding.make_mesh(dict(config.mesh))

@@ -131,7 +131,7 @@ def stage_params(stage_dir: str):
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  ctx = context.build_context(config, workdir)
+  ctx = context.build_context(config, workdir, read_data=False)
   try:
     params = stage.restore_params(ctx, stage_dir, config[name])
   except ValueError as e:

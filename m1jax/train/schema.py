@@ -389,11 +389,16 @@ def rerun_changes(stored: Mapping[str, Any], config: ml_collections.ConfigDict,
   two configs in one run.
   """
   old, new = flat_values(stored), flat_values(config)
+  defaults = flat_values(base_config())
   allowed, refused = {}, {}
   for key in sorted(set(old) | set(new)):
     before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
     if before == after:
       continue
+    if key not in old or key not in new:  # a key added to (or removed from) the schema since
+      present = new.get(key, old.get(key))
+      if key not in defaults or present == defaults[key]:
+        continue
     stage = key.split(".", 1)[0]
     ok = (key in RERUN_ALLOWED
           or (stage in ("sft", "rl") and (stage not in started or stage in reopened))

@@ -80,8 +80,9 @@ class Stage:
     with open(marker) as f:
       stopped = int(json.load(f)["step"])
     apart = os.path.join(self.dir, "nonfinite", str(stopped))
+    written = stopped in self.checkpointer.all_steps()
     if self.ctx.is_main:
-      if stopped in self.checkpointer.all_steps():
+      if written:
         shutil.rmtree(apart, ignore_errors=True)
         os.makedirs(os.path.dirname(apart), exist_ok=True)
         os.replace(os.path.join(self.checkpointer.directory, str(stopped)), apart)
@@ -93,8 +94,9 @@ class Stage:
     good = self.checkpointer.latest_step()
     where = (f"from step {good}, the last checkpoint before it" if good is not None
              else "from the start: no checkpoint was written before it")
-    return (f"{self.name}: the previous run stopped on non-finite steps at step {stopped} (that "
-            f"state is kept apart in {apart}); resuming {where}")
+    kept = f" (that state is kept apart in {apart})" if written else ""
+    return (f"{self.name}: the previous run stopped on non-finite steps at step {stopped}{kept}; "
+            f"resuming {where}")
 
   def finished(self) -> bool:
     return self.checkpointer.latest_step() == self.total_steps

@@ -173,6 +173,11 @@ def test_rerun_rules_for_steps_and_mode():
   to_sft_rl = _micro(**{"mode": "sft_rl"})
   assert schema.rerun_changes(stored, to_sft_rl, {"sft": 6})[1] == {}
   assert schema.rerun_changes(stored, to_sft_rl, {"rl": 2})[1] == {"mode": ("rl", "sft_rl")}
+  # A key the stored config predates compares as its default.
+  del stored["task"]["drop_long"]
+  assert schema.rerun_changes(stored, base, {"rl": 2}) == ({}, {})
+  assert schema.rerun_changes(stored, _micro(**{"task.drop_long": True}), {"rl": 2})[1] == {
+      "task.drop_long": ("<absent>", True)}
 
 
 def test_a_non_finite_stop_keeps_the_last_good_checkpoint_and_a_rerun_resumes_there(
