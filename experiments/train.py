@@ -6,9 +6,15 @@ r"""Trains from a config: SFT, RL, or SFT then RL.
 
 Rerunning with the same --workdir resumes. Several processes (hosts, or local processes on CPU):
 add --num_processes=N --process_id=i --coordinator_address=host:port to each.
+
+Exit codes: 0 done; 1 an error (one line; --verbosity=0 adds the traceback); 2 a bad flag or
+config; 128 + the signal number after Ctrl-C (130) or SIGTERM (143), with one line saying where
+a rerun resumes.
 """
 
+import signal
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -59,11 +65,28 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # library INFO logs (orbax) drown the progress bar
   try:
     schema.validate(_CONFIG.value)  # fail fast, before the heavy imports and devices
+    schema.check_paths(_CONFIG.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  from m1jax.train import context, driver  # pylint: disable=g-import-not-at-top
-  context.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  summary = driver.run_from_config(_CONFIG.value, _WORKDIR.value)
+    raise app.UsageError(str(e), exitcode=2) from None
+  from m1jax.train import context, driver, stage  # pylint: disable=g-import-not-at-top
+
+  def interrupted_outside_a_stage(signum, frame):
+    del frame
+    raise stage.Interrupted(signum, "interrupted outside a training step; every checkpoint "
+                            "written so far stands: a rerun resumes from the latest")
+
+  signal.signal(signal.SIGTERM, interrupted_outside_a_stage)
+  try:
+    context.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    summary = driver.run_from_config(_CONFIG.value, _WORKDIR.value)
+  except KeyboardInterrupt as e:
+    signum = e.signum if isinstance(e, stage.Interrupted) else signal.SIGINT
+    print(str(e) or "interrupted", file=sys.stderr)
+    sys.exit(128 + signum)
+  except (ValueError, stage.NonFiniteError, OSError) as e:
+    logging.info("%s", traceback.format_exc())
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   print(driver.format_summary(summary))
 
 

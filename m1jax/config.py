@@ -240,19 +240,25 @@ class ModelConfig:
     field, m1jax knobs included (e.g. dtype="float32").
     """
     if isinstance(source, Mapping):
-      raw = dict(source)
+      raw, where = dict(source), "config"
     else:
       path = os.fspath(source)
       if os.path.isdir(path):
         path = os.path.join(path, "config.json")
-      with open(path) as f:
-        raw = json.load(f)
-    fields = _fields_from_hf(raw)
+      raw, where = _read_json_object(path), path
     unknown_overrides = set(overrides) - {f.name for f in dataclasses.fields(cls)}
     if unknown_overrides:
       raise ValueError(f"ModelConfig has no field(s) {sorted(unknown_overrides)}")
-    fields.update(overrides)
-    return cls(**fields)
+    missing = [" or ".join(keys) for keys in _HF_REQUIRED if not any(k in raw for k in keys)]
+    if missing:
+      raise ValueError(f"{where}: missing architecture key(s) {missing}")
+    try:
+      fields = _fields_from_hf(raw)
+      _check_field_types(fields, raw)
+      fields.update(overrides)
+      return cls(**fields)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
 
   def to_hf(self) -> dict[str, Any]:
     """transformers' MiniMaxConfig dict (model_type "minimax"); `rotary_dim` is kept for m1jax."""
@@ -290,22 +296,83 @@ class ModelConfig:
     return hf
 
 
+# transformers' "minimax" names of ModelConfig fields.
+_HF_RENAMES = {
+    "full_attn_alpha_factor": "layernorm_full_attention_alpha",
+    "full_attn_beta_factor": "layernorm_full_attention_beta",
+    "linear_attn_alpha_factor": "layernorm_linear_attention_alpha",
+    "linear_attn_beta_factor": "layernorm_linear_attention_beta",
+    "mlp_alpha_factor": "layernorm_mlp_alpha",
+    "mlp_beta_factor": "layernorm_mlp_beta",
+    "num_experts": "num_local_experts",
+}
+# Architecture keys a config.json must give (either spelling): no default stands in for them.
+_HF_REQUIRED = (("vocab_size",), ("hidden_size",), ("intermediate_size",),
+                ("num_hidden_layers",), ("num_attention_heads",), ("num_key_value_heads",),
+                ("num_local_experts", "num_experts"), ("num_experts_per_tok",))
+
+
+def _read_json_object(path: str) -> dict[str, Any]:
+  with open(path, "rb") as f:
+    data = f.read()
+  if not data.strip():
+    raise ValueError(f"{path}: empty file; expected a JSON object of model config keys")
+  try:
+    raw = json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  if not isinstance(raw, dict):
+    raise ValueError(f"{path}: expected a JSON object of model config keys, got "
+                     f"{type(raw).__name__}")
+  return raw
+
+
+def _check_field_types(fields: dict[str, Any], raw: Mapping[str, Any]) -> None:
+  """Each value read from a HF config (`raw`) has its field's type (ints for ints, numbers for
+  floats, ...); floats given as integers become floats. Raises ValueError naming the key."""
+  hf_name = {field: key for key, field in _HF_RENAMES.items() if key in raw}
+  for field in dataclasses.fields(ModelConfig):
+    if field.name not in fields:
+      continue
+    value, default = fields[field.name], field.default
+    kind = type(default) if default is not None else _OPTIONAL_TYPES.get(field.name)
+    ok = True
+    if kind is bool:
+      ok = isinstance(value, bool)
+    elif kind is int:
+      ok = (isinstance(value, int) and not isinstance(value, bool)) or (
+          value is None and default is None)
+    elif kind is float:
+      ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+      if ok:
+        fields[field.name] = float(value)
+      ok = ok or (value is None and default is None)
+    elif kind is str:
+      ok = isinstance(value, str)
+    elif kind is tuple:
+      ok = isinstance(value, (list, tuple)) and all(
+          isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok:
+      name = hf_name.get(field.name, field.name)
+      expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                  tuple: "a list of integers"}.get(kind, kind.__name__)
+      raise ValueError(f"field {name!r}={value!r}: expected {expected}")
+
+
+_OPTIONAL_TYPES = {"bos_token_id": int, "eos_token_id": int, "moe_capacity_factor": float}
+
+
 def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
   """Maps HF config keys (either dialect) to ModelConfig field names; rejects unknown keys."""
   raw = dict(raw)
   model_type = raw.get("model_type")
   out: dict[str, Any] = {}
-  renames = {
-      "full_attn_alpha_factor": "layernorm_full_attention_alpha",
-      "full_attn_beta_factor": "layernorm_full_attention_beta",
-      "linear_attn_alpha_factor": "layernorm_linear_attention_alpha",
-      "linear_attn_beta_factor": "layernorm_linear_attention_beta",
-      "mlp_alpha_factor": "layernorm_mlp_alpha",
-      "mlp_beta_factor": "layernorm_mlp_beta",
-      "num_experts": "num_local_experts",
-  }
+  renames = _HF_RENAMES
   if "layer_types" in raw:
     layer_types = raw.pop("layer_types")
+    if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+      raise ValueError(f"field 'layer_types'={layer_types!r}: expected a list of "
+                       f"{sorted(_HF_LAYER_TYPES)}")
     unknown = [t for t in layer_types if t not in _HF_LAYER_TYPES]
     if unknown:
       raise ValueError(f"layer_types: unknown layer type {unknown[0]!r} "
@@ -321,11 +388,13 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
   if "rope_parameters" in raw or "rope_scaling" in raw:
     rope = raw.pop("rope_parameters", None) or raw.pop("rope_scaling", None) or {}
     raw.pop("rope_scaling", None)
+    if not isinstance(rope, dict):
+      raise ValueError(f"field 'rope_parameters'={rope!r}: expected an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
       raise ValueError(f"rope_parameters.rope_type={rope_type!r}: only 'default' RoPE is supported")
     if "rope_theta" in rope:
-      out["rope_theta"] = float(rope["rope_theta"])
+      out["rope_theta"] = rope["rope_theta"]
   if raw.get("sliding_window") is not None:
     raise ValueError(f"sliding_window={raw['sliding_window']!r}: "
                      "sliding-window attention is not supported")
@@ -340,10 +409,8 @@ def _fields_from_hf(raw: dict[str, Any]) -> dict[str, Any]:
       value = raw.pop(key)
       if key in ("bos_token_id", "eos_token_id") and isinstance(value, int):
         out[key] = value
-      elif key == "max_position_embeddings":
-        out[key] = int(value)
-      elif key == "initializer_range":
-        out[key] = float(value)
+      elif key in ("max_position_embeddings", "initializer_range"):
+        out[key] = value  # type-checked with the fields
   field_names = {f.name for f in dataclasses.fields(ModelConfig)}
   for key, value in raw.items():
     name = renames.get(key, key)

@@ -131,3 +131,43 @@ def test_from_hf_rejects_bad_input():
 def test_unknown_preset():
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
     config.preset("huge")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", "not valid JSON"),
+    ("", "empty file"),
+    ("[1, 2]", "expected a JSON object of model config keys, got list"),
+])
+def test_from_hf_names_the_file_that_is_not_a_config(tmp_path, text, message):
+  path = tmp_path / "config.json"
+  path.write_text(text)
+  with pytest.raises(ValueError, match=message) as info:
+    config.ModelConfig.from_hf(tmp_path)
+  assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rms_norm_eps": "1e-5"}, "field 'rms_norm_eps'='1e-5': expected a number"),
+    ({"layer_types": None}, "field 'layer_types'=None: expected a list"),
+    ({"hidden_size": 64.0}, "field 'hidden_size'=64.0: expected an integer"),
+    ({"num_local_experts": "4"}, "field 'num_local_experts'='4': expected an integer"),
+    ({"tie_word_embeddings": "false"}, "field 'tie_word_embeddings'='false': expected true or"),
+    ({"rope_parameters": 7}, "field 'rope_parameters'=7: expected an object"),
+])
+def test_from_hf_names_the_field_of_the_wrong_type(tmp_path, changes, message):
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps({**config.preset("tiny").to_hf(), **changes}))
+  with pytest.raises(ValueError) as info:
+    config.ModelConfig.from_hf(path)
+  assert str(info.value).startswith(f"{path}: ") and message in str(info.value), info.value
+
+
+def test_from_hf_requires_the_architecture_keys(tmp_path):
+  hf = config.preset("tiny").to_hf()
+  del hf["hidden_size"], hf["num_local_experts"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(hf))
+  with pytest.raises(ValueError, match=r"missing architecture key\(s\) \['hidden_size', "
+                                       r"'num_local_experts or num_experts'\]") as info:
+    config.ModelConfig.from_hf(path)
+  assert str(info.value).startswith(f"{path}: ")

@@ -14,7 +14,7 @@ from m1jax.convert.hf import save_checkpoint
 __all__ = ["load_hf", "save_hf", "export_tensors", "load_plan", "LoadPlan"]
 
 
-def load_hf(ckpt_dir: str | os.PathLike, *, shardings=None,
+def load_hf(ckpt_dir: str | os.PathLike, *, shardings=None, check_finite: bool = True,
             **config_overrides) -> tuple[ModelConfig, Any]:
   """Reads config.json and (sharded) safetensors -> (cfg, params).
 
@@ -24,13 +24,15 @@ def load_hf(ckpt_dir: str | os.PathLike, *, shardings=None,
   slices, so a process holds about one block in host memory (`load_plan` gives the numbers;
   the shardings are a function of cfg, so build them from ModelConfig.from_hf(ckpt_dir)).
   Without shardings the params are assembled on the host, one tensor at a time, then placed on
-  the default device (host memory: the whole model).
+  the default device (host memory: the whole model). Errors name the file and tensor: a file
+  that is not safetensors (empty, truncated), a tensor that is not floating point, and with
+  `check_finite` a tensor holding NaN or inf.
   """
   ckpt_dir = os.fspath(ckpt_dir)
   cfg = ModelConfig.from_hf(ckpt_dir, **config_overrides)
   if shardings is not None:
-    return cfg, load_sharded(cfg, ckpt_dir, shardings)
-  return cfg, jax.tree.map(jax.device_put, load_params(cfg, ckpt_dir))
+    return cfg, load_sharded(cfg, ckpt_dir, shardings, check_finite=check_finite)
+  return cfg, jax.tree.map(jax.device_put, load_params(cfg, ckpt_dir, check_finite=check_finite))
 
 
 def save_hf(cfg: ModelConfig, params, out_dir: str | os.PathLike, *, dtype: str | None = None,

@@ -21,13 +21,15 @@ from typing import Any, Iterator, NamedTuple
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from m1jax import sharding
 from m1jax.config import ModelConfig
 
 _DECAY_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
+# safetensors dtypes a weight may be stored in; integer, boolean and fp8 tensors are rejected.
+_FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
@@ -186,21 +188,83 @@ def _shard_files(ckpt_dir: str) -> list[str]:
   index = os.path.join(ckpt_dir, "model.safetensors.index.json")
   single = os.path.join(ckpt_dir, "model.safetensors")
   if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    return [os.path.join(ckpt_dir, name) for name in sorted(set(weight_map.values()))]
+    try:
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+      raise ValueError(f"{index}: not a safetensors index (a JSON object with a \"weight_map\" "
+                       f"of key -> file): {e!r}") from None
+    files = [os.path.join(ckpt_dir, name) for name in names]
+    absent = [f for f in files if not os.path.isfile(f)]
+    if absent:
+      raise FileNotFoundError(f"{index} names {absent[0]}, which does not exist")
+    return files
   if os.path.exists(single):
     return [single]
   raise FileNotFoundError(f"{ckpt_dir}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def _checkpoint_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
-  shapes = {}
-  for path in files:
+@contextlib.contextmanager
+def _open(path: str):
+  """safe_open(path) whose errors (empty, truncated, not safetensors) name the file."""
+  try:
     with safe_open(path, framework="np") as f:
+      yield _File(path, f)
+  except SafetensorError as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+class _File:
+  """A safetensors file whose reads name the file and tensor when they fail."""
+
+  def __init__(self, path: str, handle):
+    self.path, self._f = path, handle
+
+  def keys(self):
+    return self._f.keys()
+
+  def get_slice(self, key):
+    return self._f.get_slice(key)
+
+  def get_tensor(self, key) -> np.ndarray:
+    try:
+      return self._f.get_tensor(key)
+    except SafetensorError as e:
+      raise ValueError(f"{self.path}: cannot read tensor {key} ({e})") from None
+
+
+class _Info(NamedTuple):
+  """A checkpoint tensor: where it is stored, its shape and safetensors dtype."""
+  file: str
+  key: str  # as stored (before _normalise_key)
+  shape: tuple[int, ...]
+  dtype: str
+
+
+def _tensor_infos(files: list[str]) -> dict[str, _Info]:
+  infos = {}
+  for path in files:
+    with _open(path) as f:
       for key in f.keys():
-        shapes[_normalise_key(key)] = tuple(f.get_slice(key).get_shape())
-  return shapes
+        tensor = f.get_slice(key)
+        infos[_normalise_key(key)] = _Info(path, key, tuple(tensor.get_shape()),
+                                           tensor.get_dtype())
+  return infos
+
+
+def _check_dtypes(infos: dict[str, _Info]) -> None:
+  for key, info in infos.items():
+    if info.dtype not in _FLOAT_DTYPES and not _is_decay_buffer(key):
+      raise ValueError(f"{info.file}: tensor {info.key} is {info.dtype}; weights must be one of "
+                       f"{_FLOAT_DTYPES}")
+
+
+def _check_finite(value: np.ndarray, file: str, key: str) -> None:
+  if not np.isfinite(value).all():
+    bad = np.asarray(value).reshape(-1)[~np.isfinite(np.asarray(value).reshape(-1))][0]
+    raise ValueError(f"{file}: tensor {key} holds non-finite values ({bad} among them); "
+                     "pass check_finite=False to load it anyway")
 
 
 def _check_keys(slots, shapes, ckpt_dir):
@@ -220,42 +284,34 @@ def _check_keys(slots, shapes, ckpt_dir):
                        f"{slot.hf_shape}")
 
 
-def load_params(cfg: ModelConfig, ckpt_dir: str) -> dict[str, Any]:
-  """Reads the safetensors of `ckpt_dir` into a params pytree (numpy, cfg.param_dtype)."""
+def load_params(cfg: ModelConfig, ckpt_dir: str, *, check_finite: bool = True
+                ) -> dict[str, Any]:
+  """Reads the safetensors of `ckpt_dir` into a params pytree (numpy, cfg.param_dtype).
+  Non-float tensors are rejected; `check_finite`: so is a tensor holding NaN or inf (named)."""
   from m1jax import model  # pylint: disable=g-import-not-at-top
   files = _shard_files(ckpt_dir)
-  shapes = _checkpoint_shapes(files)
+  infos = _tensor_infos(files)
+  shapes = {key: info.shape for key, info in infos.items()}
   slots = _model_slots(
       cfg, fused_experts=any(k.endswith(".mlp.experts.gate_up_proj") for k in shapes))
   _check_keys(slots, shapes, ckpt_dir)
+  _check_dtypes(infos)
   dtype = _NP_DTYPES[cfg.param_dtype]
   abstract = model.abstract_params(cfg)
   params = jax.tree.map(lambda x: np.empty(x.shape, dtype), abstract)
   for path in files:
-    with safe_open(path, framework="np") as f:
+    with _open(path) as f:
       for key in f.keys():
         name = _normalise_key(key)
         if not _is_decay_buffer(name):
-          slots[name].place(params, f.get_tensor(key).astype(dtype))
+          value = f.get_tensor(key)
+          if check_finite:
+            _check_finite(value, path, key)
+          slots[name].place(params, value.astype(dtype))
   return params
 
 
 # --- Streaming into shards ------------------------------------------------------------------------
-
-class _Location(NamedTuple):
-  """Where a checkpoint tensor is stored."""
-  file: str
-  key: str  # as stored (before _normalise_key)
-  shape: tuple[int, ...]
-
-
-def _tensor_locations(files: list[str]) -> dict[str, _Location]:
-  locations = {}
-  for path in files:
-    with safe_open(path, framework="np") as f:
-      for key in f.keys():
-        locations[_normalise_key(key)] = _Location(path, key, tuple(f.get_slice(key).get_shape()))
-  return locations
 
 
 def _leaf_pieces(slots: dict[str, _Slot]) -> dict[tuple[str, ...], list[tuple[str, _Piece]]]:
@@ -275,7 +331,8 @@ def _pieces_in(box, pieces):
       yield key, piece, tuple(i - start for i, (start, _) in zip(piece.index, lead)), rest
 
 
-def load_sharded(cfg: ModelConfig, ckpt_dir: str, shardings) -> dict[str, Any]:
+def load_sharded(cfg: ModelConfig, ckpt_dir: str, shardings, *, check_finite: bool = True
+                 ) -> dict[str, Any]:
   """Reads the safetensors of `ckpt_dir` straight into `shardings` (a params pytree of jax
   Shardings) -> params of global jax.Arrays in cfg.param_dtype.
 
@@ -283,14 +340,15 @@ def load_sharded(cfg: ModelConfig, ckpt_dir: str, shardings) -> dict[str, Any]:
   tensors it covers (safetensors `get_slice`: only those rows and columns are read), copied to
   its devices and freed; replicated copies are read once. In a multi-process run each process
   reads only its own devices' blocks. Peak host memory: one block plus one slice (see
-  `load_plan`); nothing is compiled.
+  `load_plan`); nothing is compiled. Checks as `load_params` (on the slices read).
   """
   from m1jax import model  # pylint: disable=g-import-not-at-top
-  locations = _tensor_locations(_shard_files(ckpt_dir))
+  locations = _tensor_infos(_shard_files(ckpt_dir))
   shapes = {key: location.shape for key, location in locations.items()}
   slots = _model_slots(
       cfg, fused_experts=any(k.endswith(".mlp.experts.gate_up_proj") for k in shapes))
   _check_keys(slots, shapes, ckpt_dir)
+  _check_dtypes(locations)
   pieces = _leaf_pieces(slots)
   dtype = _NP_DTYPES[cfg.param_dtype]
   with contextlib.ExitStack() as files:
@@ -299,14 +357,22 @@ def load_sharded(cfg: ModelConfig, ckpt_dir: str, shardings) -> dict[str, Any]:
     def tensor(key):
       location = locations[key]
       if location.file not in handles:
-        handles[location.file] = files.enter_context(safe_open(location.file, framework="np"))
+        handles[location.file] = files.enter_context(_open(location.file))
       return handles[location.file].get_slice(location.key)
 
     def blocks(path, leaf_shape, leaf_sharding):
       for box in sharding.local_blocks(leaf_sharding, leaf_shape):
         block = np.empty(sharding.box_shape(box), dtype)
         for key, piece, at, rest in _pieces_in(box, pieces[path]):
-          block[at] = piece.value(tensor(key), rest)
+          location = locations[key]
+          try:
+            value = piece.value(tensor(key), rest)
+          except SafetensorError as e:
+            raise ValueError(f"{location.file}: cannot read tensor {location.key} ({e})"
+                             ) from None
+          if check_finite:
+            _check_finite(value, location.file, location.key)
+          block[at] = value
         yield box, block
         del block  # before the next block is allocated
 

@@ -87,11 +87,24 @@ def jsonl_source(
     **read_kwargs,
 ) -> grain.MapDataset:
   """Examples of a JSONL file (`tasks.read_jsonl` keywords); `split` keeps one hash split."""
-  examples = tasks.read_jsonl(path, **read_kwargs)
+  return examples_source(tasks.read_jsonl(path, **read_kwargs), split=split,
+                         eval_fraction=eval_fraction, where=path)
+
+
+def examples_source(
+    examples: Sequence[tasks.Example],
+    *,
+    split: str | None = None,
+    eval_fraction: float = tasks.DEFAULT_EVAL_FRACTION,
+    where: str = "examples",
+) -> grain.MapDataset:
+  """A list of examples (e.g. read from `where`); `split` keeps one hash split."""
+  examples = list(examples)
   if split is not None:
     examples = tasks.split_examples(examples, split, eval_fraction)
     if not examples:
-      raise ValueError(f"split: no {split!r} examples in {path} with eval_fraction={eval_fraction}")
+      raise ValueError(f"split: no {split!r} examples in {where} with "
+                       f"eval_fraction={eval_fraction}")
   return grain.MapDataset.source(examples)
 
 

@@ -18,6 +18,8 @@ Prompt formats (compact, for small byte-level contexts):
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from typing import Any, ClassVar, Mapping, Protocol, Sequence
 
 import numpy as np
@@ -317,10 +319,50 @@ def _text_field(row: dict, key: str, where: str, allow_number: bool) -> str:
     raise ValueError(f"{where}: missing field {key!r} (fields: {sorted(row)})")
   value = row[key]
   if allow_number and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if not math.isfinite(value):
+      raise ValueError(f"{where}: field {key!r} must be a finite number, got {value!r}")
     value = str(value)
   if not isinstance(value, str) or not value.strip():
     raise ValueError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where}: field {key!r} holds a lone surrogate {value[e.start]!r} at "
+                     f"character {e.start} (an unpaired \\u escape): not text") from None
   return value
+
+
+_NON_FINITE_ANSWERS = {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity",
+                       "-infinity"}
+_INTEGER = re.compile(r"[+-]?\d+")
+
+
+def _check_answer(answer: str, row: dict, task: str, where: str, answer_key: str) -> None:
+  """The gold answer is something a verifier can match: not NaN / inf; for countdown an integer
+  target and a "numbers" list of integers."""
+  if answer.strip().lower() in _NON_FINITE_ANSWERS:
+    raise ValueError(f"{where}: field {answer_key!r} is {answer!r}, not an answer")
+  if task == "countdown":
+    if not _INTEGER.fullmatch(answer.strip()):
+      raise ValueError(f"{where}: field {answer_key!r}: a countdown target must be an integer, "
+                       f"got {answer!r}")
+    numbers = row.get("numbers")
+    if (not isinstance(numbers, list) or not numbers
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers)):
+      raise ValueError(f"{where}: field 'numbers': a countdown example needs a non-empty list "
+                       f"of integers, got {numbers!r}")
+
+
+def _reject_constant(name: str):
+  raise ValueError(f"{name} is not a JSON number (JSON has no NaN / Infinity)")
+
+
+def _decode_line(raw: bytes, where: str) -> str:
+  try:
+    return raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                     f"{e.start + 1}); save the file as UTF-8") from None
 
 
 def read_jsonl(
@@ -331,37 +373,56 @@ def read_jsonl(
     demonstration_key: str | None = None,
     task: str = "math",
 ) -> list[Example]:
-  """Reads one example per line from a JSONL file of objects.
+  """Reads one example per line from a JSONL file of objects (UTF-8).
 
   Args:
     path: file with lines like {"prompt": "...", "answer": "42"}; blank lines are skipped.
     prompt_key: field holding the prompt text.
-    answer_key: field holding the gold answer (a string or a number).
+    answer_key: field holding the gold answer (a string or a finite number; not NaN / inf).
     demonstration_key: field holding the SFT target; when None the demonstration is just
       `#### <answer>`.
     task: task name stored on each example; selects the verifier of the "task" reward
-      ("math", or "countdown" with a "numbers" field and the target as answer).
+      ("math", or "countdown" with a "numbers" list of integers and an integer target as
+      answer).
 
   Returns:
     The examples; fields other than the three above go to `Example.metadata`.
 
   Raises:
-    ValueError: naming file and line, for invalid JSON, non-objects, or missing/empty fields.
+    ValueError: naming file and line and what is wrong: bytes that are not UTF-8 (or a UTF-16
+      file), invalid JSON (with the text around the error), non-objects, missing/empty fields,
+      lone surrogates, answers that are not answers.
   """
   examples = []
-  with open(path, encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    head = f.read(4)
+    f.seek(0)
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(head) == 4 and head.count(0) >= 1):
+      raise ValueError(f"{path}: looks like UTF-16 / UTF-32 (a byte-order mark or NUL bytes at "
+                       "the start); save it as UTF-8")
+    for line_number, raw in enumerate(f, start=1):
+      where = f"{path}:{line_number}"
+      line = _decode_line(raw, where)
+      if line_number == 1:
+        line = line.removeprefix("\ufeff")  # a UTF-8 byte-order mark
       if not line.strip():
         continue
-      where = f"{path}:{line_number}"
       try:
-        row = json.loads(line)
+        row = json.loads(line, parse_constant=_reject_constant)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+        excerpt = line[max(e.pos - 20, 0):e.pos + 20].strip()
+        hint = ""
+        if line.strip() in ("[", "{"):
+          hint = "; this looks like one JSON document, not JSON Lines (one object per line)"
+        raise ValueError(f"{where}: invalid JSON: {e.msg} at column {e.colno} (near "
+                         f"{excerpt!r}){hint}") from None
+      except ValueError as e:
+        raise ValueError(f"{where}: invalid JSON: {e}") from None
       if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
       prompt = _text_field(row, prompt_key, where, allow_number=False)
       answer = _text_field(row, answer_key, where, allow_number=True)
+      _check_answer(answer, row, task, where, answer_key)
       if demonstration_key is None:
         demonstration = format_final_answer(answer)
       else:

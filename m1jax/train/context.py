@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 from m1jax import config as model_config
 from m1jax import convert, model, sharding
@@ -45,6 +46,7 @@ class Context:
   task: Any  # m1jax.data.tasks.Task, or None for JSONL data
   mesh: jax.sharding.Mesh
   reward_fn: rewards.CombinedReward
+  examples: list | None = None  # JSONL data (task.name=jsonl), read and length-checked
 
   @property
   def is_main(self) -> bool:
@@ -62,7 +64,11 @@ class Context:
     return int(np.prod([self.mesh.shape[a] for a in ("data", "fsdp", "expert")]))
 
 
-def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
+def build_context(config: ml_collections.ConfigDict, workdir: str,
+                  read_data: bool = True) -> Context:
+  """The Context of `config`. With `read_data`, JSONL data is read and the examples' lengths are
+  checked against the run's limits (`check_lengths`); without, nothing but the model, tokenizer
+  and mesh is needed (e.g. to read a finished run's params)."""
   tokenizer = load_tokenizer(config.tokenizer)
   model_cfg = schema.model_from_config(config.model)
   if model_cfg.vocab_size < tokenizer.vocab_size:
@@ -70,19 +76,62 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
                      f"tokenizer's {tokenizer.vocab_size}")
   if model_cfg.eos_token_id is None:
     model_cfg = model_cfg.replace(eos_token_id=tokenizer.eos_id)
-  task = None
+  task, examples = None, None
   if config.task.name != "jsonl":
     task = tasks.make_task(config.task.name, **config.task.kwargs)
+  if read_data and task is not None:  # a sample of the synthetic stream
+    sample = [tasks.generate_example(task, seed=config.seed, index=i,
+                                     eval_fraction=config.task.eval_fraction) for i in range(64)]
+    check_lengths(config, tokenizer, sample, f"task {config.task.name}", drop=False)
+  elif read_data:
+    examples = check_lengths(config, tokenizer, tasks.read_jsonl(config.task.jsonl_path),
+                             config.task.jsonl_path, drop=config.task.drop_long)
   mesh = sharding.make_mesh(dict(config.mesh))
   return Context(config=config, workdir=workdir, model_cfg=model_cfg, tokenizer=tokenizer,
-                 task=task, mesh=mesh, reward_fn=rewards.combine(dict(config.reward)))
+                 task=task, mesh=mesh, reward_fn=rewards.combine(dict(config.reward)),
+                 examples=examples)
+
+
+def check_lengths(config: ml_collections.ConfigDict, tokenizer, examples: list, where: str,
+                  drop: bool) -> list:
+  """The examples within the run's length limits: BOS + prompt <= rl.max_prompt_len (RL
+  prompts and every held-out evaluation) and, with an SFT stage, BOS + prompt + demonstration +
+  EOS <= sft.max_len. Over-long examples are dropped (`drop`, logged) or raise ValueError naming
+  the limits' keys, before anything is trained."""
+  with_sft = config.mode in ("sft", "sft_rl")
+  kept, over = [], []
+  for index, example in enumerate(examples):
+    prompt = len(pipeline.encode_prompt(tokenizer, example.prompt))
+    full = len(pipeline.encode_sft(tokenizer, example)[0]) if with_sft else 0
+    problems = ([f"prompt of {prompt} tokens > config.rl.max_prompt_len="
+                 f"{config.rl.max_prompt_len}"] if prompt > config.rl.max_prompt_len else [])
+    if full > config.sft.max_len:
+      problems.append(f"prompt + demonstration of {full} tokens > config.sft.max_len="
+                      f"{config.sft.max_len}")
+    if problems:
+      over.append(f"example {index + 1} ({example.prompt[:40]!r}): {', '.join(problems)}")
+    else:
+      kept.append(example)
+  if over and drop:
+    logging.warning("%s: dropped %d of %d examples over the length limits (config.task.drop_long"
+                    "); the first: %s", where, len(over), len(examples), over[0])
+  elif over:
+    fix = ("raise those limits or set config.task.drop_long=True to drop such examples"
+           if where != f"task {config.task.name}" else
+           "raise those limits or make the task's examples shorter (config.task.kwargs)")
+    raise ValueError(f"{where}: {len(over)} of {len(examples)} examples are longer than this "
+                     f"run allows, e.g. {'; '.join(over[:3])}; {fix}")
+  if not kept:
+    raise ValueError(f"{where}: no example is within the length limits")
+  return kept
 
 
 def source(ctx: Context, split: str):
   """The grain MapDataset of examples for `split` ("train" / "eval")."""
   t = ctx.config.task
   if t.name == "jsonl":
-    return pipeline.jsonl_source(t.jsonl_path, split=split, eval_fraction=t.eval_fraction)
+    return pipeline.examples_source(ctx.examples, split=split, eval_fraction=t.eval_fraction,
+                                    where=t.jsonl_path)
   return pipeline.synthetic_source(ctx.task, seed=ctx.config.seed, split=split,
                                    eval_fraction=t.eval_fraction)
 

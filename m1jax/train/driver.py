@@ -4,23 +4,86 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import jax
 import ml_collections
 from absl import logging
 
-from m1jax.train import context, metrics, rl, schema, sft, stage
+from m1jax.train import checkpoint, context, metrics, rl, schema, sft, stage
 
 
 def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs config.mode ("sft", "rl", "sft_rl") in `workdir` (resuming what is there); returns a
-  summary dict (also written to workdir/summary.json)."""
+  summary dict (also written to workdir/summary.json).
+
+  Everything that can be checked is checked before anything is written: the config and its
+  paths, the data's lengths, the batches against the mesh, and (in an existing workdir) the
+  config against the stored one (`check_rerun`). After an error the in-flight checkpoint is
+  finished before the error propagates."""
   schema.validate(config)
+  schema.check_paths(config)
   ctx = context.build_context(config, workdir)
+  schema.check_batches(config, dict(ctx.mesh.shape))
+  allowed = check_rerun(config, workdir)
+  try:
+    return _run(ctx, config, workdir, allowed)
+  finally:
+    checkpoint.close_all()
+
+
+def _stage_progress(workdir: str) -> tuple[dict[str, int], list[str]]:
+  """({stage: latest checkpoint step} of the stages with one, [stages stopped on non-finite
+  steps]) of a workdir."""
+  started, stopped = {}, []
+  for name in ("sft", "rl"):
+    directory = os.path.join(workdir, name, "checkpoints")
+    steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(
+        directory) else []
+    if steps:
+      started[name] = max(steps)
+    if os.path.exists(os.path.join(workdir, name, stage.NONFINITE_MARKER)):
+      stopped.append(name)
+  return started, stopped
+
+
+def check_rerun(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The changes of `config` against `workdir/config.json` that a rerun may make
+  ({key: (stored, new)}, see schema.rerun_changes); raises ValueError naming every other changed
+  key with both values. Writes nothing."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: cannot read the stored config of this workdir ({e})") from None
+  started, stopped = _stage_progress(workdir)
+  allowed, refused = schema.rerun_changes(stored, config, started, stopped)
+  if refused:
+    lines = "; ".join(f"config.{k}: {before!r} -> {after!r}" for k, (before, after)
+                      in refused.items())
+    raise ValueError(
+        f"{workdir} holds a run with another config ({path}); these changes would mix two "
+        f"configs in one run: {lines}. Use another --workdir, or the stored values (allowed "
+        f"changes: steps with a constant schedule, {', '.join(schema.RERUN_ALLOWED)}, and "
+        "anything of a stage that has not started or stopped on non-finite steps)")
+  return allowed
+
+
+def _run(ctx: context.Context, config: ml_collections.ConfigDict, workdir: str,
+         allowed: dict) -> dict:
   os.makedirs(workdir, exist_ok=True)
   if ctx.is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
+    if allowed:
+      logging.warning("config changes from the stored run (recorded in config_changes.jsonl): %s",
+                      ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
+      with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "changes": {k: list(v) for k, v in allowed.items()}}) + "\n")
   summary = {"workdir": os.path.abspath(workdir)}
   stages = []
   sft_stage = None
@@ -48,7 +111,7 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _init_from(ctx: context.Context, stage_dir: str):
   """Final params of another run's SFT stage directory (config.rl.init_from)."""
   try:
-    return stage.restore_params(ctx, stage_dir, ctx.config.sft)
+    return stage.restore_params(ctx, os.path.abspath(stage_dir), ctx.config.sft)
   except ValueError as e:
     raise ValueError(f"config.rl.init_from={stage_dir!r}: {e}; train that SFT stage first (the "
                      "config file's docstring gives the command; for configs/rl/*_arithmetic.py, "
@@ -68,7 +131,7 @@ def stage_params(stage_dir: str):
   with open(config_path) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
-  ctx = context.build_context(config, workdir)
+  ctx = context.build_context(config, workdir, read_data=False)
   try:
     params = stage.restore_params(ctx, stage_dir, config[name])
   except ValueError as e:

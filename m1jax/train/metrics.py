@@ -59,10 +59,24 @@ def _to_python(value):
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """The records of a metrics.jsonl. A torn last line (a write cut short by a kill: no newline
+  at its end and not JSON) is left out; any other bad line raises ValueError naming it."""
   if not os.path.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = f.readlines()
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if number == len(lines) and not line.endswith("\n"):
+        break  # torn: the MetricsWriter of a resume rewrites the file without it
+      raise ValueError(f"{path}:{number}: not a metrics record ({e.msg} at column {e.colno})"
+                       ) from None
+  return records
 
 
 class Panel(NamedTuple):

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-from typing import Any, Mapping
+import math
+import os
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -40,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
       name="arithmetic", jsonl_path="", eval_size=256, eval_fraction=0.1,
       eval_seed=0))  # the held-out set depends on eval_seed only, not on the run's seed
   c.task.kwargs = ml_collections.ConfigDict()  # task difficulty knobs (m1jax.data.tasks)
+  # JSONL data: drop examples over a length limit of the run (sft.max_len, rl.max_prompt_len)
+  # when the data set is read, instead of stopping there with an error naming them.
+  c.task.drop_long = False
   c.reward = ml_collections.ConfigDict(dict(task=1.0, format=0.0))  # weighted reward components
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))  # -1: the rest
   c.sft = ml_collections.ConfigDict(dict(
@@ -169,6 +174,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     expected = reference[path]
     if expected is not None and value is not None and not _same_kind(expected, value):
       raise ValueError(f"config.{path}={value!r}: expected {type(expected).__name__}")
+  _check_finite_numbers(cfg)
 
   def require(ok, path, msg):
     if not ok:
@@ -285,3 +291,120 @@ def unknown_key(cfg: ml_collections.ConfigDict, path: str) -> str | None:
       return f"config.{walked}{key}: unknown key; {hint}"
     node, walked = node[key], f"{walked}{key}."
   return None
+
+
+def _check_finite_numbers(cfg: ml_collections.ConfigDict) -> None:
+  """No key takes NaN or +-inf (e.g. --config.rl.optimizer.learning_rate=inf)."""
+  for path, value in _paths(cfg).items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"config.{path}={value!r}: must be a finite number")
+
+
+# --- paths -----------------------------------------------------------------------------------
+def _has_checkpoint(stage_dir: str) -> bool:
+  """Whether `stage_dir/checkpoints` holds a finished orbax step directory."""
+  directory = os.path.join(stage_dir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
+def check_paths(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key of the first input path of `cfg` that is missing or holds
+  the wrong thing (the JSONL data, the HF checkpoint, the tokenizer, rl.init_from). Reads only
+  small files; creates nothing."""
+  if cfg.task.name == "jsonl" and not os.path.isfile(cfg.task.jsonl_path):
+    raise ValueError(f"config.task.jsonl_path={cfg.task.jsonl_path!r}: no such file")
+  if cfg.model.hf_dir:
+    hf_dir = cfg.model.hf_dir
+    if not os.path.isdir(hf_dir):
+      raise ValueError(f"config.model.hf_dir={hf_dir!r}: no such directory")
+    if not any(os.path.isfile(os.path.join(hf_dir, name))
+               for name in ("model.safetensors", "model.safetensors.index.json")):
+      raise ValueError(f"config.model.hf_dir={hf_dir!r}: no model.safetensors nor "
+                       "model.safetensors.index.json")
+    try:
+      model_from_config(cfg.model)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"config.model.hf_dir={hf_dir!r}: {e}") from None
+  if cfg.tokenizer != "byte" and not os.path.exists(cfg.tokenizer):
+    raise ValueError(f"config.tokenizer={cfg.tokenizer!r}: no such file or directory")
+  if cfg.mode in ("rl", "sft_rl") and cfg.rl.init_from:
+    if not _has_checkpoint(cfg.rl.init_from):
+      raise ValueError(f"config.rl.init_from={cfg.rl.init_from!r}: no checkpoint in "
+                       f"{os.path.join(cfg.rl.init_from, 'checkpoints')}; train that SFT stage "
+                       "first (the config file's docstring gives the command; for "
+                       "configs/rl/*_arithmetic.py, `make ablation OBJECTIVE=<kind>` runs both)")
+
+
+# --- the mesh ----------------------------------------------------------------------------------
+def check_batches(cfg: ml_collections.ConfigDict, mesh_shape: Mapping[str, int]) -> None:
+  """Raises ValueError when a batch of `cfg` does not split evenly over the batch axes
+  (data x fsdp x expert) of a mesh of `mesh_shape` ({"data": 1, "fsdp": 8, ...})."""
+  devices = math.prod(mesh_shape.get(a, 1) for a in ("data", "fsdp", "expert"))
+  mesh = ", ".join(f"{k}={v}" for k, v in mesh_shape.items())
+  where = f"the {devices} batch devices (data x fsdp x expert) of the mesh ({mesh})"
+  if cfg.mode in ("sft", "sft_rl") and cfg.sft.batch_size % devices:
+    raise ValueError(f"config.sft.batch_size={cfg.sft.batch_size}: must divide over {where}")
+  if cfg.mode in ("rl", "sft_rl"):
+    r = cfg.rl
+    rows = r.prompts_per_step * r.samples_per_prompt // r.updates_per_batch
+    if rows % devices:
+      raise ValueError(
+          f"config.rl.prompts_per_step={r.prompts_per_step}: a minibatch of prompts_per_step * "
+          f"samples_per_prompt / updates_per_batch = {rows} rows must divide over {where}")
+
+
+# --- a rerun in an existing workdir ------------------------------------------------------------
+# Keys whose change cannot alter what is computed: cadence, display, stop rules, the mesh.
+RERUN_ALLOWED = ("sft.log_every", "sft.eval_every", "rl.log_every", "rl.eval_every",
+                 "checkpoint.every_steps", "checkpoint.keep", "progress", "tensorboard",
+                 "max_consecutive_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                 "mesh.expert")
+
+
+def flat_values(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{"rl.loss.kind": "cispo", ...} of a config as plain JSON values (a ConfigDict or the dict
+  of a config.json)."""
+  if isinstance(config, ml_collections.ConfigDict):
+    import json  # pylint: disable=g-import-not-at-top
+    config = json.loads(config.to_json_best_effort())
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, Mapping) and not (prefix + key).startswith(_FREE_FORM):
+      out.update(flat_values(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def rerun_changes(stored: Mapping[str, Any], config: ml_collections.ConfigDict,
+                  started: Mapping[str, int], reopened: Sequence[str] = ()):
+  """Compares a rerun's `config` with the one `stored` in its workdir -> (allowed, refused), each
+  {key: (stored value, new value)}.
+
+  Allowed: RERUN_ALLOWED; a stage's `steps` when it does not move below the stage's latest
+  checkpoint and its schedule is constant (a cosine schedule depends on it); any key of a stage
+  that has not started (`started`: stage name -> latest checkpoint step, for the stages that
+  have one) or that stopped on non-finite steps (`reopened`: resumed from its last good
+  checkpoint with new settings); `mode` while the RL stage has not started. The rest would mix
+  two configs in one run.
+  """
+  old, new = flat_values(stored), flat_values(config)
+  defaults = flat_values(base_config())
+  allowed, refused = {}, {}
+  for key in sorted(set(old) | set(new)):
+    before, after = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if before == after:
+      continue
+    if key not in old or key not in new:  # a key added to (or removed from) the schema since
+      present = new.get(key, old.get(key))
+      if key not in defaults or present == defaults[key]:
+        continue
+    stage = key.split(".", 1)[0]
+    ok = (key in RERUN_ALLOWED
+          or (stage in ("sft", "rl") and (stage not in started or stage in reopened))
+          or (key == "mode" and "rl" not in started))
+    if (not ok and key in ("sft.steps", "rl.steps") and isinstance(after, int)
+        and after >= started[stage] and new.get(f"{stage}.optimizer.schedule") == "constant"):
+      ok = True
+    (allowed if ok else refused)[key] = (before, after)
+  return allowed, refused

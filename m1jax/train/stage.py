@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -30,6 +31,22 @@ class NonFiniteError(RuntimeError):
   pass
 
 
+class Interrupted(KeyboardInterrupt):
+  """Ctrl-C or SIGTERM stopped a stage; `str()` is one line saying what was kept."""
+
+  def __init__(self, signum: int, message: str = ""):
+    super().__init__(message)
+    self.signum = signum
+
+  def __str__(self) -> str:
+    return self.args[0] if self.args else ""
+
+
+# <stage>/NONFINITE_MARKER names the checkpoint written at a non-finite stop; the next run sets
+# that checkpoint apart in <stage>/nonfinite/<step> and resumes from the last one before it.
+NONFINITE_MARKER = "nonfinite_stop.json"
+
+
 class Stage:
   """One training stage (sft or rl) in `workdir/<name>`: resume, checkpoints, metrics, progress."""
 
@@ -42,6 +59,8 @@ class Stage:
     self.checkpointer = checkpoint_lib.Checkpointer(os.path.join(self.dir, "checkpoints"),
                                                     ctx.config.checkpoint.every_steps,
                                                     ctx.config.checkpoint.keep)
+    # A stage read from another run's directory (restore_params) is left as it is.
+    self.resume_note = self._set_aside_nonfinite_stop() if directory is None else ""
     self.log_every = stage_cfg.log_every
     self.eval_every = stage_cfg.eval_every
     self.start_step = 0
@@ -52,6 +71,33 @@ class Stage:
     self.complete_at_start = self.finished()  # a rerun of a finished stage has nothing to do
 
   # --- state -------------------------------------------------------------------------------------
+  def _set_aside_nonfinite_stop(self) -> str:
+    """Moves the checkpoint of an earlier non-finite stop to <stage>/nonfinite/<step>, so that
+    the run resumes from the last checkpoint before it; returns what to say about it."""
+    marker = os.path.join(self.dir, NONFINITE_MARKER)
+    if not os.path.exists(marker):
+      return ""
+    with open(marker) as f:
+      stopped = int(json.load(f)["step"])
+    apart = os.path.join(self.dir, "nonfinite", str(stopped))
+    written = stopped in self.checkpointer.all_steps()
+    if self.ctx.is_main:
+      if written:
+        shutil.rmtree(apart, ignore_errors=True)
+        os.makedirs(os.path.dirname(apart), exist_ok=True)
+        os.replace(os.path.join(self.checkpointer.directory, str(stopped)), apart)
+      os.remove(marker)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      multihost_utils.sync_global_devices("m1jax: non-finite checkpoint set apart")
+    self.checkpointer.reload()
+    good = self.checkpointer.latest_step()
+    where = (f"from step {good}, the last checkpoint before it" if good is not None
+             else "from the start: no checkpoint was written before it")
+    kept = f" (that state is kept apart in {apart})" if written else ""
+    return (f"{self.name}: the previous run stopped on non-finite steps at step {stopped}{kept}; "
+            f"resuming {where}")
+
   def finished(self) -> bool:
     return self.checkpointer.latest_step() == self.total_steps
 
@@ -59,6 +105,8 @@ class Stage:
     """The state to start from: the latest checkpoint (restoring `data_iter`'s position too) when
     there is one, else a new state from make_params()."""
     latest = self.checkpointer.latest_step()
+    if self.resume_note:
+      logging.warning("%s", self.resume_note)
     if latest is not None:
       target = state_lib.abstract_state(self.ctx.model_cfg, self.optimizer, self.shardings)
       state, data_state, meta = self.checkpointer.restore(latest, target)
@@ -83,20 +131,24 @@ class Stage:
             "config": json.loads(self.ctx.config.to_json_best_effort())}
     self.checkpointer.save(step, state, dict(data_state), meta, force=force)
 
-  def save_if_consistent(self, state, step: int, data_state, updates_per_step: int = 1) -> None:
-    """On interruption: checkpoint `state` if it is exactly `step` steps in (not mid-step)."""
+  def save_if_consistent(self, state, step: int, data_state, updates_per_step: int = 1) -> str:
+    """On interruption: checkpoint `state` if it is exactly `step` steps in (not mid-step);
+    returns one line saying where a rerun resumes."""
     try:
       applied = int(jax.device_get(state.step))
     except RuntimeError:  # buffers donated to a step that did not finish
       applied = -1
-    if applied == step * updates_per_step:
+    if applied == step * updates_per_step and step > 0:
       self.save(step, state, data_state, force=True)
       self.checkpointer.wait()
-      logging.warning("%s: interrupted; checkpoint at step %d in %s", self.name, step,
-                      self.checkpointer.directory)
-    else:
-      logging.warning("%s: interrupted inside a step; the last periodic checkpoint (step %s) "
-                      "stands", self.name, self.checkpointer.latest_step())
+      return (f"{self.name}: interrupted after step {step}; checkpoint written: a rerun resumes "
+              f"from step {step} ({self.checkpointer.directory})")
+    latest = self.checkpointer.latest_step()
+    if latest is None:
+      return (f"{self.name}: interrupted in step {step + 1}; no checkpoint yet: a rerun starts "
+              "this stage from the beginning")
+    return (f"{self.name}: interrupted in step {step + 1}; a rerun resumes from step {latest}, "
+            f"the latest checkpoint ({self.checkpointer.directory})")
 
   # --- the loop ------------------------------------------------------------------------------------
   def run(self, state, data_iter, step_fn: StepFn, *,
@@ -106,8 +158,10 @@ class Stage:
 
     Held-out evaluation (`evaluate(params)`) at step 0 and every `eval_every` steps and at the
     end; per step: `step_fn`, log (the keys in `postfix` on the progress bar), non-finite check,
-    checkpoint. Ctrl-C or SIGTERM checkpoints the last completed step (when the state is exactly
-    there) and re-raises. `updates_per_step`: optimizer steps per stage step.
+    checkpoint (none while updates are being skipped: the last one before them stays the one
+    to resume from). Ctrl-C or SIGTERM checkpoints the last completed step (when the state is
+    exactly there) and raises Interrupted. Any error finishes the in-flight checkpoint first.
+    `updates_per_step`: optimizer steps per stage step.
     """
     self.open()
     boundary = {"step": self.start_step, "data": data_iter.get_state()}  # last completed step
@@ -125,11 +179,18 @@ class Stage:
         if step == self.total_steps or (self.eval_every and step % self.eval_every == 0):
           metrics.update(evaluate(state.params))
         self.log(step, metrics, postfix={k: metrics[k] for k in postfix})
-        self.check_finite(step, state, data_state)
-        self.save(step, state, data_state, force=step == self.total_steps)
+        skipping = self.check_finite(step, state, data_state)
+        if not skipping or step == self.total_steps:
+          self.save(step, state, data_state, force=step == self.total_steps)
 
-    interruptible(loop, lambda: self.save_if_consistent(
-        state, boundary["step"], boundary["data"], updates_per_step=updates_per_step))
+    try:
+      interruptible(loop, lambda: self.save_if_consistent(
+          state, boundary["step"], boundary["data"], updates_per_step=updates_per_step))
+    except BaseException:
+      if self.progress is not None:
+        self.progress.close()
+      self.checkpointer.close()
+      raise
     self.close(panels)
     return state
 
@@ -159,16 +220,29 @@ class Stage:
     if postfix:
       self.progress.set_postfix({k: f"{v:.3g}" for k, v in postfix.items()}, refresh=False)
 
-  def check_finite(self, step: int, state, data_state) -> None:
-    """After K consecutive skipped (non-finite) steps: checkpoint and stop with a clear message."""
+  def check_finite(self, step: int, state, data_state) -> bool:
+    """Whether the latest updates were skipped (non-finite). After K consecutive ones: writes a
+    checkpoint marked as the non-finite stop (the last one before it is kept whatever
+    checkpoint.keep says) and stops with a clear message."""
     skipped = int(to_host(optimizer_lib.consecutive_nonfinite(state.opt_state)))
     if skipped >= self.ctx.config.max_consecutive_nonfinite:
+      good = self.checkpointer.latest_step()
+      self.checkpointer.protected = {good} if good is not None else set()
+      if self.ctx.is_main:
+        with open(os.path.join(self.dir, NONFINITE_MARKER), "w") as f:
+          json.dump({"step": step, "last_good": good}, f)
       self.save(step, state, data_state, force=True)
       self.checkpointer.wait()
+      resume = (f"step {good}, the last checkpoint before them" if good is not None
+                else "the start (there is no checkpoint before them)")
       raise NonFiniteError(
           f"{self.name}: {skipped} consecutive steps had a non-finite loss or gradient (the "
-          f"last at step {step}); they were skipped and a checkpoint was written to "
-          f"{self.checkpointer.directory}. Lower the learning rate or inspect metrics.jsonl.")
+          f"last at step {step}); they were skipped, and the state at the stop was checkpointed "
+          f"as step {step} in {self.checkpointer.directory}, marked as a non-finite stop. A rerun "
+          f"with the same --workdir sets it apart and resumes from {resume}, and may change "
+          f"this stage's settings: lower {self.name}.optimizer.learning_rate, or inspect "
+          "metrics.jsonl.")
+    return skipped > 0
 
   def close(self, panels: Sequence[metrics_lib.Panel]) -> None:
     if self.progress is not None:
@@ -187,20 +261,21 @@ def eval_line(name: str, step: int, total_steps: int, record: Mapping[str, Any])
           f"reward {record['eval/reward']:.3f}, mean length {record['eval/length']:.1f}")
 
 
-def interruptible(fn: Callable[[], Any], on_interrupt: Callable[[], None]):
-  """Runs fn; on Ctrl-C or SIGTERM calls on_interrupt (e.g. save a checkpoint) and re-raises."""
+def interruptible(fn: Callable[[], Any], on_interrupt: Callable[[], str | None]):
+  """Runs fn; on Ctrl-C or SIGTERM calls on_interrupt (e.g. save a checkpoint) and raises
+  Interrupted with the signal and the line on_interrupt returns."""
   previous = signal.getsignal(signal.SIGTERM)
 
   def raise_interrupt(signum, frame):
-    del signum, frame
-    raise KeyboardInterrupt
+    del frame
+    raise Interrupted(signum)
 
   signal.signal(signal.SIGTERM, raise_interrupt)
   try:
     return fn()
-  except KeyboardInterrupt:
-    on_interrupt()
-    raise
+  except KeyboardInterrupt as e:
+    signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    raise Interrupted(signum, on_interrupt() or "") from None
   finally:
     signal.signal(signal.SIGTERM, previous)
 
@@ -209,9 +284,16 @@ def restore_params(ctx: Context, stage_dir: str, stage_cfg: ml_collections.Confi
   """Final params of the stage saved in `stage_dir` (e.g. an earlier run's <workdir>/sft), for a
   model `ctx.model_cfg` trained with `stage_cfg` (its optimizer shapes the checkpoint). Raises
   ValueError when there is no checkpoint."""
+  directory = os.path.join(os.path.abspath(stage_dir), "checkpoints")
+  if not os.path.isdir(directory) or not any(n.isdigit() for n in os.listdir(directory)):
+    raise ValueError(f"no checkpoint in {directory}")  # checked before orbax opens it
+  if os.path.exists(os.path.join(stage_dir, NONFINITE_MARKER)):
+    raise ValueError(f"{stage_dir} stopped on non-finite steps: its latest checkpoint is not one "
+                     "to start from; rerun that stage with the same --workdir first")
   optimizer = optimizer_lib.make_optimizer(stage_cfg.optimizer, stage_cfg.steps)
   stage = Stage(ctx, os.path.basename(os.path.normpath(stage_dir)), stage_cfg.steps, optimizer,
                 stage_cfg, directory=stage_dir)
-  if stage.checkpointer.latest_step() is None:
-    raise ValueError(f"no checkpoint in {stage.checkpointer.directory}")
-  return stage.final_params()
+  try:
+    return stage.final_params()
+  finally:
+    stage.checkpointer.close()

@@ -176,3 +176,45 @@ def test_split_examples_partitions_by_prompt():
   held_out = tasks.split_examples(examples, "eval")
   assert len(train) + len(held_out) == 500 and held_out
   assert not {e.prompt for e in train} & {e.prompt for e in held_out}
+
+
+GOOD_LINE = b'{"prompt": "1+1=", "answer": "2"}\n'
+
+
+@pytest.mark.parametrize("third_line, message", [
+    (b'{"prompt": "caf\xe9", "answer": "1"}', "not UTF-8 text (byte 0xe9 at column 16)"),
+    (b'{"prompt": "\\ud800", "answer": "1"}', "lone surrogate"),
+    (b'{"prompt": "1+1=", "answer": NaN}', "NaN is not a JSON number"),
+    (b'{"prompt": "1+1=", "answer": 1e999}', "finite number"),
+    (b'{"prompt": "1+1=", "answer": "nan"}', "not an answer"),
+    (b'{"prompt": "1+1=", "answer": "-Infinity"}', "not an answer"),
+    (b'{"prompt": "1+1=", "answer": 2}}', "Extra data at column 32 (near"),
+    (b"{", "one JSON document, not JSON Lines"),
+])
+def test_read_jsonl_names_line_and_problem_of_bad_bytes_and_answers(tmp_path, third_line,
+                                                                     message):
+  path = tmp_path / "data.jsonl"
+  path.write_bytes(GOOD_LINE + b"\n" + third_line + b"\n")
+  with pytest.raises(ValueError) as info:
+    tasks.read_jsonl(str(path))
+  assert str(info.value).startswith(f"{path}:3: ") and message in str(info.value), info.value
+
+
+def test_read_jsonl_rejects_utf16_and_reads_a_utf8_bom(tmp_path):
+  path = tmp_path / "data.jsonl"
+  path.write_bytes(GOOD_LINE.decode().encode("utf-16"))
+  with pytest.raises(ValueError, match=f"{path}: looks like UTF-16"):
+    tasks.read_jsonl(str(path))
+  path.write_bytes(b"\xef\xbb\xbf" + GOOD_LINE)  # a byte-order mark is no JSON error at column 1
+  assert [e.prompt for e in tasks.read_jsonl(str(path))] == ["1+1="]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "make 6:", "answer": "six", "numbers": [2, 3]}, "must be an integer"),
+    ({"prompt": "make 6:", "answer": 6}, "field 'numbers'"),
+    ({"prompt": "make 6:", "answer": 6, "numbers": ["2", 3]}, "field 'numbers'"),
+])
+def test_read_jsonl_checks_countdown_examples(tmp_path, row, message):
+  path = _write(tmp_path, [json.dumps(row)])
+  with pytest.raises(ValueError, match=f"{path}:1: .*{message}"):
+    tasks.read_jsonl(path, task="countdown")

@@ -5,6 +5,7 @@ is compared with a 1e-6 tolerance only because it is a float sum of weights.
 """
 
 import fractions
+import time
 
 import numpy as np
 import pytest
@@ -245,3 +246,58 @@ def test_score_responses_decodes_up_to_eos():
   assert cut.texts[0] == "#### 1" and not cut.finished[0]
   with pytest.raises(ValueError, match="response_tokens"):
     rewards.score_responses(rewards.get_reward_fn("math"), tok, tokens[:2], examples)
+
+
+# Model outputs built to crash or stall a verifier: every reward returns 0/1 for each of them.
+MB = 1_000_000
+HOSTILE = {
+    "4301 digits after ####": "#### " + "1" * 4301,
+    "4301-digit boxed": "\\boxed{" + "1" * 4301 + "}",
+    "long decimal": "#### 0." + "3" * 5000,
+    "frac with long parts": "\\boxed{\\frac{" + "1" * 5000 + "}{" + "3" * 5000 + "}}",
+    "frac of 900 digits": "#### \\frac{" + "9" * 900 + "}{7}",
+    "unclosed boxed x150k": "\\boxed{" * 150_000,
+    "64 boxed then 1 MB of braces": "\\boxed{" * 64 + "{" * (MB // 2) + "}" * (MB // 2),
+    "1 MB of {": "{" * MB,
+    "1 MB of #": "#" * MB,
+    "#### lines": "####\n" * (MB // 5),
+    "spaces then a number": "#### " + " " * MB + "1",
+    "spaces around operators": "#### 1" + " - " * 300,
+    "huge exponent": "#### 1e999999999",
+    "countdown huge product": "#### " + "*".join(["999999999999"] * 19),
+    "countdown deep parens": "#### " + "(" * 100_000 + "1" + ")" * 100_000,
+    "NaN": "#### NaN",
+    "inf": "\\boxed{inf}",
+    "-Infinity": "#### -Infinity",
+    "lone surrogates": "#### \ud800" + "\udfff" * MB,
+    "long lines": ("x" * 999 + "\n") * 1000,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_rewards_never_raise_and_stay_fast_on_hostile_outputs(name):
+  text = HOSTILE[name]
+  examples = [tasks.Example("1+0=", "1", "#### 1", "arithmetic"), _countdown_example()]
+  fns = [rewards.get_reward_fn(n) for n in ("math", "countdown", "format", "task")]
+  for fn, example in [(f, e) for f in fns for e in examples if f is not fns[1] or e is examples[1]]:
+    cpu = []
+    for _ in range(3):  # process CPU time, best of 3: the limit is on the work, not the load
+      start = time.process_time()
+      value = fn(text, example)
+      cpu.append(time.process_time() - start)
+    assert value in (0.0, 1.0)
+    assert min(cpu) < 0.05, f"{name}: {min(cpu) * 1e3:.0f} ms of CPU"  # 1 MB in under 50 ms
+
+
+def test_absurd_numbers_are_compared_as_text():
+  digits = "1" * 4301
+  assert math_rewards.parse_number(digits) is None
+  assert math_rewards.math_reward("#### " + digits, "1") == 0.0
+  assert math_rewards.is_equivalent("1" * 300, "1" * 300)  # as text
+  assert not math_rewards.is_equivalent("1" * 300, "1" * 299)
+  # An answer longer than MAX_ANSWER_CHARS is not well formed; more than MAX_MARKERS is none.
+  assert math_rewards.extract_answer("\\boxed{" + "x" * 1001 + "}") is None
+  assert math_rewards.extract_answer("\\boxed{" + "x" * 1000 + "}") == "x" * 1000
+  assert math_rewards.extract_answer("#### 1\n" * 64) == "1"
+  assert math_rewards.extract_answer("#### 1\n" * 65) is None
+  assert math_rewards.extract_answer("#### 2 #### 3") == "2 #### 3"  # one marker per line

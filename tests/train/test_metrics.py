@@ -1,6 +1,8 @@
 """metrics.png: labelled axes, the KL on its own axis, the run's settings in the title, and
 coinciding curves that stay distinguishable."""
 
+import pytest
+
 from m1jax.train import metrics, rl, schema, sft
 
 
@@ -50,3 +52,17 @@ def test_sft_figure_and_png(tmp_path):
   assert "sft on arithmetic: batch 64, 200 steps, lr 0.003" in fig._suptitle.get_text()
   metrics.plot_metrics(records, sft.PANELS, str(tmp_path / "m.png"), title="t")
   assert (tmp_path / "m.png").stat().st_size > 1000
+
+
+def test_torn_last_line_is_dropped_and_repaired_on_resume(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+  assert metrics.read_jsonl(str(path)) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+  writer = metrics.MetricsWriter(str(tmp_path), resume_step=2, tensorboard=False)
+  writer.write(3, {"loss": 1.0})
+  assert path.read_text().splitlines()[-2:] == ['{"step": 2, "loss": 1.5}',
+                                                '{"step": 3, "loss": 1.0}']
+  # A bad line that is not the torn end of the file is an error naming it.
+  path.write_text('{"step": 1}\n{"step": 2\n{"step": 3}\n')
+  with pytest.raises(ValueError, match=f"{path}:2: not a metrics record"):
+    metrics.read_jsonl(str(path))

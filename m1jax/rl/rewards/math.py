@@ -4,7 +4,8 @@ A response states its final answer in one of two ways:
   `#### <answer>`   the answer is the rest of that line (this is what m1jax's synthetic task
                     demonstrations use);
   `\\boxed{<answer>}` braces may nest, e.g. `\\boxed{\\frac{3}{4}}`.
-When a response holds several, the one that starts last wins.
+When a response holds several, the one that starts last wins. Any string is scored in time
+linear in its length and nothing raises: see MAX_MARKERS, MAX_ANSWER_CHARS, MAX_NUMBER_CHARS.
 
 Answers are compared as exact rationals (`fractions.Fraction`) when both sides parse as numbers;
 otherwise as strings with whitespace and surrounding `$` removed. Numbers may be written as
@@ -17,8 +18,17 @@ import dataclasses
 import fractions
 import re
 
+import numpy as np
+
 FINAL_ANSWER_MARKER = "####"
 BOXED_MARKER = "\\boxed"
+# Bounds that keep scoring linear in the response length whatever the model writes: a response
+# with more final-answer markers than MAX_MARKERS states no answer; an answer (a `####` line's
+# rest or a `\\boxed{}`'s content) longer than MAX_ANSWER_CHARS is not well formed; a number
+# longer than MAX_NUMBER_CHARS is compared as text, not as a number.
+MAX_MARKERS = 64
+MAX_ANSWER_CHARS = 1000
+MAX_NUMBER_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,34 +40,50 @@ class AnswerSpan:
   kind: str  # "####" or "boxed"
 
 
+_BOXED_OPEN = re.compile(r"\\boxed\s*\{")
+
+
+def _closing_brace(text: str, open_end: int) -> int | None:
+  """Index of the `}` that closes the `{` ending at open_end, looked for within
+  MAX_ANSWER_CHARS characters; None when it is not there."""
+  window = text[open_end:open_end + MAX_ANSWER_CHARS + 1]
+  if "}" not in window:
+    return None
+  codes = np.frombuffer(window.encode("utf-32-le", "surrogatepass"), np.uint32)
+  depth = 1 + np.cumsum((codes == ord("{")).astype(np.int32) - (codes == ord("}")))
+  closed = np.flatnonzero(depth == 0)
+  return open_end + int(closed[0]) if closed.size else None
+
+
 def _boxed_spans(text: str) -> list[AnswerSpan]:
   """Every well-formed `\\boxed{...}` with balanced braces; malformed ones are skipped."""
   spans = []
-  for match in re.finditer(r"\\boxed\s*\{", text):
-    depth = 1
-    for i in range(match.end(), len(text)):
-      if text[i] == "{":
-        depth += 1
-      elif text[i] == "}":
-        depth -= 1
-        if depth == 0:
-          spans.append(AnswerSpan(match.start(), i + 1, text[match.end():i].strip(), "boxed"))
-          break
+  for match in _BOXED_OPEN.finditer(text):
+    close = _closing_brace(text, match.end())
+    if close is not None:
+      spans.append(AnswerSpan(match.start(), close + 1, text[match.end():close].strip(), "boxed"))
   return spans
 
 
 def _marker_spans(text: str) -> list[AnswerSpan]:
-  """Every `#### answer` whose answer (rest of the line) is non-empty."""
-  spans = []
-  for match in re.finditer(re.escape(FINAL_ANSWER_MARKER) + r"[ \t]*([^\n]*)", text):
-    answer = match.group(1).strip()
-    if answer:
-      spans.append(AnswerSpan(match.start(), match.end(), answer, FINAL_ANSWER_MARKER))
+  """Every `#### answer` whose answer (rest of the line) is non-empty; the first `####` of a
+  line is its marker (later ones belong to its answer)."""
+  spans, start = [], text.find(FINAL_ANSWER_MARKER)
+  while start >= 0:
+    eol = text.find("\n", start)
+    eol = len(text) if eol < 0 else eol
+    answer = text[start + len(FINAL_ANSWER_MARKER):eol].strip()
+    if answer and len(answer) <= MAX_ANSWER_CHARS:
+      spans.append(AnswerSpan(start, eol, answer, FINAL_ANSWER_MARKER))
+    start = text.find(FINAL_ANSWER_MARKER, eol)
   return spans
 
 
 def answer_spans(text: str) -> list[AnswerSpan]:
-  """All well-formed final-answer markers in `text`, in order of their start."""
+  """All well-formed final-answer markers in `text`, in order of their start (none when the
+  text holds more than MAX_MARKERS markers)."""
+  if text.count(FINAL_ANSWER_MARKER) + text.count(BOXED_MARKER) > MAX_MARKERS:
+    return []
   return sorted(_boxed_spans(text) + _marker_spans(text), key=lambda span: span.start)
 
 
@@ -77,7 +103,7 @@ def _strip_wrapping(text: str) -> str:
 
 
 def _parse_decimal(text: str) -> fractions.Fraction | None:
-  if not _NUMBER.fullmatch(text):
+  if len(text) > MAX_NUMBER_CHARS or not _NUMBER.fullmatch(text):
     return None
   text = text.replace(",", "")
   if text.endswith("."):
@@ -86,7 +112,10 @@ def _parse_decimal(text: str) -> fractions.Fraction | None:
 
 
 def parse_number(text: str) -> fractions.Fraction | None:
-  """The exact value of a numeric answer string, or None when it is not a plain number."""
+  """The exact value of a numeric answer string, or None when it is not a plain number (or
+  longer than MAX_ANSWER_CHARS)."""
+  if len(text) > MAX_ANSWER_CHARS:
+    return None
   text = re.sub(r"\s*([+\-/{}])\s*", r"\1", _strip_wrapping(text))
   frac = _FRAC.fullmatch(text)
   if frac:
