@@ -209,7 +209,8 @@ def restore_params(ctx: Context, stage_dir: str, stage_cfg: ml_collections.Confi
   """Final params of the stage saved in `stage_dir` (e.g. an earlier run's <workdir>/sft), for a
   model `ctx.model_cfg` trained with `stage_cfg` (its optimizer shapes the checkpoint). Raises
   ValueError when there is no checkpoint."""
-  optimizer = optimizer_lib.make_optimizer(stage_cfg.optimizer, stage_cfg.steps)
+  optimizer = optimizer_lib.make_optimizer(stage_cfg.optimizer, stage_cfg.steps,
+                                           injectable=bool(stage_cfg.get("stages")))
   stage = Stage(ctx, os.path.basename(os.path.normpath(stage_dir)), stage_cfg.steps, optimizer,
                 stage_cfg, directory=stage_dir)
   if stage.checkpointer.latest_step() is None:
