@@ -13,6 +13,7 @@ import importlib.util
 from typing import Any, Mapping
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from m1jax import config as model_config
 from m1jax.rl import losses, rewards
@@ -275,11 +276,18 @@ def cfg_get(cfg: ml_collections.ConfigDict, path: str):
 
 
 def unknown_key(cfg: ml_collections.ConfigDict, path: str) -> str | None:
-  """None when the dotted key `path` ("rl.steps") is in `cfg`; else one line naming the first
-  missing key's full path and the closest known key there ("config.rl.step: unknown key; did you
-  mean config.rl.steps?")."""
+  """None when the dotted key `path` ("rl.steps", "rl.stages[1].steps") is in `cfg`; else one
+  line naming the first missing key's full path and the closest known key there
+  ("config.rl.step: unknown key; did you mean config.rl.steps?")."""
   node, walked = cfg, ""
-  for key in path.split("."):
+  for key in config_path.split(path):  # "rl.stages[1].steps" -> ("rl", "stages", 1, "steps")
+    if isinstance(key, int):
+      if not isinstance(node, (tuple, list)):
+        return f"config.{walked[:-1]}={node!r} is not a list of entries: no entry [{key}]"
+      if not -len(node) <= key < len(node):
+        return f"config.{walked[:-1]} has {len(node)} entries: no entry [{key}]"
+      node, walked = node[key], f"{walked[:-1]}[{key}]."
+      continue
     if not isinstance(node, ml_collections.ConfigDict):
       return f"config.{walked[:-1]}={node!r} is a value, not a group of keys: no key {key!r}"
     if key not in node:
