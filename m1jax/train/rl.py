@@ -20,7 +20,7 @@ import collections
 import contextlib
 import functools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -290,9 +290,9 @@ class _Program(NamedTuple):
   loss_cfg: losses.LossConfig
   recompute: bool  # the old log-probs come from the trainer
   sampler: "Sampler"
-  update: object  # (state, RolloutBatch) -> (state, metrics), jitted
-  logprobs_fn: object  # (params, sequences, sequence_mask, replay) -> log-probs [N, L], jitted
-  rollout_metrics_fn: object
+  update: Callable  # (state, RolloutBatch) -> (state, metrics), jitted
+  logprobs_fn: Callable  # (params, sequences, sequence_mask, replay) -> log-probs [N, L], jitted
+  rollout_metrics_fn: Callable  # (old, rollout, mask) -> metrics, jitted
 
 
 def recomputes(rl: ml_collections.ConfigDict) -> bool:
@@ -345,7 +345,7 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
   data = rl_stages.StagedData(prompt_iter, schedule) if staged else prompt_iter
   state = stage.restore_or_create(lambda: init_params_fn(stage.shardings.params), data)
   ref_params = None
-  if any(c.loss.kl_coef > 0 for c in schedule.configs):  # the reference: this stage's start
+  if any(c.loss.kl_coef > 0 for c in schedule.configs):  # the reference policy: the RL start
     ref_params = init_params_fn(stage.shardings.params)
 
   def build(stage_rl: ml_collections.ConfigDict) -> _Program:
