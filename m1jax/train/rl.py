@@ -287,7 +287,6 @@ STAGE_PANELS = (
 class _Program(NamedTuple):
   """What a step runs with, for one stage's rl config (built, and compiled, once per stage)."""
   rl: ml_collections.ConfigDict
-  loss_cfg: losses.LossConfig
   recompute: bool  # the old log-probs come from the trainer
   sampler: "Sampler"
   update: Callable  # (state, RolloutBatch) -> (state, metrics), jitted
@@ -365,8 +364,7 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
     logprobs_fn = jax.jit(lambda p, s, m, replay: response_logprobs(
         ctx.model_cfg, p, s, m, stage_rl.max_new_tokens, stage_rl.temperature, ctx.vocab_limit,
         replay)[0])
-    return _Program(stage_rl, loss_cfg, recomputes(stage_rl), Sampler(ctx, stage_rl), update,
-                    logprobs_fn,
+    return _Program(stage_rl, recomputes(stage_rl), Sampler(ctx, stage_rl), update, logprobs_fn,
                     jax.jit(functools.partial(losses.rollout_metrics, cfg=loss_cfg)))
 
   programs: dict[int, _Program] = {}

@@ -258,6 +258,13 @@ def test_each_stage_runs_with_its_settings_compiled_once(staged_run):
   assert metrics_lib.stage_starts(_records(workdir)) == [(0, 0), (1, 2), (2, end_1)]
 
 
+def test_final_params_of_a_staged_run_load(staged_run):
+  """driver.stage_params restores a staged run's checkpoint (its optimizer state holds the
+  injected hyperparameters)."""
+  cfg, params = driver.stage_params(str(staged_run[0] / "rl"))
+  assert cfg.num_hidden_layers == 2 and "lm_head" in params
+
+
 def test_plots_mark_the_stage_boundaries(staged_run):
   workdir, _, _ = staged_run
   records = _records(workdir)
