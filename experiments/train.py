@@ -50,10 +50,10 @@ def _unknown_override(argv) -> str | None:
 def _parse_flags(argv):
   """absl's flag parsing, except that a misspelled `--config.<key>` override stops with one line
   naming the key's full path and the closest known key, exit code 2 (ml_collections raises
-  AttributeError / KeyError with a traceback there)."""
+  AttributeError / KeyError / IndexError with a traceback there)."""
   try:
     return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError) as e:
+  except (AttributeError, KeyError, IndexError) as e:
     print(_unknown_override(argv) or f"--config override: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from m1jax.train import driver, schema
+from m1jax.train import driver, metrics, schema
 
 # The paper's Fig. 2 (Qwen2.5-32B-base zero-RL, AIME 2024 avg@32), points read from the plot.
 PAPER_FIG2 = {
@@ -94,8 +94,9 @@ def run_grid(config_path: str, sft_dir: str, out_dir: str, kinds: Sequence[str],
   return runs
 
 
-def collect(out_dir: str, runs: Sequence[Run]) -> dict[tuple[str, int], dict[str, np.ndarray]]:
-  """{(label, mu): {"steps": [S], "accuracy": [seeds, S]}} from each run's eval records."""
+def collect(out_dir: str, runs: Sequence[Run]) -> dict[tuple[str, int], dict[str, Any]]:
+  """{(label, mu): {"steps": [S], "accuracy": [seeds, S], "stage_starts": [(stage, step)]}}
+  from each run's eval records (stage_starts: of any seed, with rl.stages)."""
   curves: dict[tuple[str, int], dict[str, list]] = {}
   for run in runs:
     path = os.path.join(out_dir, "runs", run.name, "rl", "metrics.jsonl")
@@ -104,12 +105,13 @@ def collect(out_dir: str, runs: Sequence[Run]) -> dict[tuple[str, int], dict[str
     evals = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
     steps, accuracy = zip(*evals)
     entry = curves.setdefault((run.label, run.updates_per_batch),
-                              {"steps": steps, "accuracy": []})
+                              {"steps": steps, "accuracy": [], "stage_starts": set()})
+    entry["stage_starts"].update(metrics.stage_starts(records))
     if tuple(steps) != tuple(entry["steps"]):
       raise ValueError(f"{run.name}: evaluated at steps {steps}, others at {entry['steps']}")
     entry["accuracy"].append(accuracy)
-  return {k: {"steps": np.asarray(v["steps"]), "accuracy": np.asarray(v["accuracy"])}
-          for k, v in curves.items()}
+  return {k: {"steps": np.asarray(v["steps"]), "accuracy": np.asarray(v["accuracy"]),
+              "stage_starts": sorted(v["stage_starts"])} for k, v in curves.items()}
 
 
 def steps_to_reach(steps: np.ndarray, values: np.ndarray, threshold: float) -> float:
@@ -162,6 +164,7 @@ def plot(curves, path: str, title: str) -> None:
       ax.plot(c["steps"], mean, label=f"{kind} ({c['accuracy'].shape[0]} seeds)", color=color,
               linestyle="--" if "cap" in kind else "-")
       ax.fill_between(c["steps"], mean - std, mean + std, alpha=0.2, color=color)
+      metrics.mark_stages(ax, c.get("stage_starts", ()))
     ax.set_title(f"ours: {mu} update(s) per generation batch")
     ax.set_xlabel("RL step")
     ax.set_ylabel("held-out accuracy (greedy)")

@@ -117,8 +117,29 @@ def _plot_keys(ax, records, keys, ylabel, first_color=0):
   return len(keys)
 
 
+def stage_starts(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
+  """[(stage index, steps done before it began)] of the stages of a staged RL run (rl.stages)
+  seen in `records`, from their `stage` and `stage_step` keys (exact with any log_every)."""
+  starts = {}
+  for r in records:
+    if isinstance(r.get("stage"), (int, float)) and isinstance(r.get("stage_step"), (int, float)):
+      starts.setdefault(int(r["stage"]), int(r["step"] - r["stage_step"]))
+  return sorted(starts.items())
+
+
+def mark_stages(ax, starts: Sequence[tuple[int, int]]) -> None:
+  """A dotted vertical line, labelled "stage i", where each stage after the first begins."""
+  for index, start in starts:
+    if index == 0:
+      continue
+    ax.axvline(start, color="0.4", linestyle=":", linewidth=1.2, label=f"_stage {index}")
+    ax.text(start, 0.98, f" stage {index}", transform=ax.get_xaxis_transform(), fontsize=7,
+            color="0.3", va="top", ha="left")
+
+
 def figure(records: Sequence[Mapping[str, Any]], panels: Sequence[Panel], title: str = ""):
-  """The matplotlib Figure of `panels` (one subplot each) over `records` ({"step": s, key: v})."""
+  """The matplotlib Figure of `panels` (one subplot each) over `records` ({"step": s, key: v});
+  the boundaries of a staged RL run's stages are marked on every panel."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -128,7 +149,9 @@ def figure(records: Sequence[Mapping[str, Any]], panels: Sequence[Panel], title:
   fig, axes = plt.subplots(rows, cols, figsize=(4.8 * cols, 3.4 * rows + 0.5), squeeze=False)
   for ax in axes.flat[len(panels):]:
     fig.delaxes(ax)
+  starts = stage_starts(records)
   for ax, panel in zip(axes.flat, panels):
+    mark_stages(ax, starts)
     colors = _plot_keys(ax, records, panel.keys, panel.ylabel)
     handles, labels = ax.get_legend_handles_labels()
     if panel.right_keys:
@@ -178,4 +201,8 @@ def plot_title(config, stage: str) -> str:
                 f"{s.prompts_per_step} prompts x {s.samples_per_prompt} samples, "
                 f"{s.updates_per_batch} updates/batch, advantage {s.advantage}, "
                 f"{s.steps} steps")
+    if s.get("stages"):
+      from m1jax.train import schema  # pylint: disable=g-import-not-at-top
+      windows = " -> ".join(str(c.max_new_tokens) for c in schema.stage_rl_configs(s))
+      settings += f", {len(s.stages)} stages (max_new_tokens {windows})"
   return f"{stage} on {config.task.name}: {settings}, {lr}\n{model}, seed {config.seed}"

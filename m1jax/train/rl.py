@@ -7,6 +7,10 @@ the sampler's log-probs, or the trainer's own forward before the first update) a
 being trained. `rl.loss.rollout_correction` corrects for rollout != old, `rl.routing_replay`
 makes the trainer's MoE use the experts the sampler chose (docs/rl_objectives.md).
 
+With `rl.stages` the run goes through stages (m1jax/train/rl_stages.py), each with its own
+generation window and settings: the step's programs are built (and compiled) once per stage, the
+optimizer state carries over (the learning rate and clipping norm are hyperparameters in it).
+
 `rl_update` is the pure, jit-able train step; `train` drives it from a config.
 """
 
@@ -16,7 +20,7 @@ import collections
 import contextlib
 import functools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +36,7 @@ from m1jax.rl import advantages as advantages_lib
 from m1jax.rl import losses
 from m1jax.train import context, evaluation, optimizer as optimizer_lib, state as state_lib
 from m1jax.train import metrics as metrics_lib
+from m1jax.train import rl_stages
 from m1jax.train.stage import Stage
 from m1jax.train.transfer import to_global, to_host
 
@@ -86,9 +91,13 @@ def rl_loss(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float, p
 
 def rl_update(cfg: ModelConfig, loss_cfg: losses.LossConfig, temperature: float,
               optimizer: optax.GradientTransformation, state: state_lib.TrainState,
-              batch: RolloutBatch, vocab_limit: int | None = None):
+              batch: RolloutBatch, vocab_limit: int | None = None,
+              hyperparams: dict | None = None):
   """One pure optimizer step on a rollout minibatch -> (state, metrics). vocab_limit: as the
-  sampler's SamplingConfig.vocab_limit."""
+  sampler's SamplingConfig.vocab_limit. hyperparams: {"learning_rate", "grad_clip"} set in the
+  state of an injectable optimizer (optimizer.make_optimizer) before the step."""
+  if hyperparams is not None:
+    state = state.replace(opt_state=optimizer_lib.set_hyperparams(state.opt_state, **hyperparams))
   (_, metrics), grads = jax.value_and_grad(rl_loss, argnums=3, has_aux=True)(
       cfg, loss_cfg, temperature, state.params, batch, vocab_limit)
   return state_lib.apply_gradients(optimizer, state, grads, metrics)
@@ -266,6 +275,29 @@ ROLLOUT_PANELS = (
     metrics_lib.Panel("rollout vs old policy", "effective sample size / Pearson r",
                       ("rollout_ess_token", "rollout_ess_seq", "rollout_prob_pearson")),
 )
+# With rl.stages (the boundaries are marked on every panel).
+STAGE_PANELS = (
+    metrics_lib.Panel("generation window", "tokens", ("max_new_tokens", "response_length"),
+                      "share of responses", ("truncated_length",)),
+    metrics_lib.Panel("stage settings", "learning rate (used)", ("learning_rate",),
+                      "grad clip norm (used)", ("grad_clip",)),
+)
+
+
+class _Program(NamedTuple):
+  """What a step runs with, for one stage's rl config (built, and compiled, once per stage)."""
+  rl: ml_collections.ConfigDict
+  recompute: bool  # the old log-probs come from the trainer
+  sampler: "Sampler"
+  update: Callable  # (state, RolloutBatch) -> (state, metrics), jitted
+  logprobs_fn: Callable  # (params, sequences, sequence_mask, replay) -> log-probs [N, L], jitted
+  rollout_metrics_fn: Callable  # (old, rollout, mask) -> metrics, jitted
+
+
+def recomputes(rl: ml_collections.ConfigDict) -> bool:
+  """Whether the old log-probs come from the trainer: rl.old_logprobs=recompute, or implied by a
+  rollout correction (which needs them)."""
+  return rl.old_logprobs == "recompute" or rl.loss.rollout_correction != "none"
 
 
 class ParamsHistory:
@@ -300,79 +332,105 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
     raise ValueError(f"config.rl: prompts_per_step * samples_per_prompt = {rows} must divide into "
                      f"updates_per_batch={mu} minibatches whose size divides over the "
                      f"{ctx.batch_devices} batch devices of the mesh")
-  loss_cfg = losses.LossConfig(**rl.loss.to_dict())
-  optimizer = optimizer_lib.make_optimizer(rl.optimizer, rl.steps * mu)
+  staged = bool(rl.stages)
+  optimizer = optimizer_lib.make_optimizer(rl.optimizer, rl.steps * mu, injectable=staged)
   stage = Stage(ctx, "rl", rl.steps, optimizer, rl)
   if stage.finished():
     return stage
   prompts = pipeline.prompt_dataset(context.source(ctx, "train"), ctx.tokenizer, batch_size=b,
                                     max_prompt_len=rl.max_prompt_len, seed=ctx.config.seed + 1)
   prompt_iter = iter(prompts)
-  state = stage.restore_or_create(lambda: init_params_fn(stage.shardings.params), prompt_iter)
+  schedule = rl_stages.StageSchedule(rl)
+  data = rl_stages.StagedData(prompt_iter, schedule) if staged else prompt_iter
+  state = stage.restore_or_create(lambda: init_params_fn(stage.shardings.params), data)
   ref_params = None
-  if loss_cfg.kl_coef > 0:  # the reference policy is the starting point of this stage
+  if any(c.loss.kl_coef > 0 for c in schedule.configs):  # the reference policy: the RL start
     ref_params = init_params_fn(stage.shardings.params)
-  update = jax.jit(functools.partial(rl_update, ctx.model_cfg, loss_cfg, rl.temperature, optimizer,
-                                     vocab_limit=ctx.vocab_limit),
-                   in_shardings=(stage.shardings, None), out_shardings=(stage.shardings, None),
-                   donate_argnums=0)
-  logprobs_fn = jax.jit(lambda p, s, m, replay: response_logprobs(
-      ctx.model_cfg, p, s, m, rl.max_new_tokens, rl.temperature, ctx.vocab_limit, replay)[0])
-  # A rollout correction needs the old policy's log-probs from the trainer, so it implies them.
-  recompute = rl.old_logprobs == "recompute" or loss_cfg.rollout_correction != "none"
-  rollout_metrics_fn = jax.jit(functools.partial(losses.rollout_metrics, cfg=loss_cfg))
-  sampler = Sampler(ctx, rl)
+
+  def build(stage_rl: ml_collections.ConfigDict) -> _Program:
+    loss_cfg = losses.LossConfig(**stage_rl.loss.to_dict())
+    step = functools.partial(rl_update, ctx.model_cfg, loss_cfg, stage_rl.temperature, optimizer,
+                             vocab_limit=ctx.vocab_limit)
+    if staged:
+      hyperparams = {"learning_rate": stage_rl.optimizer.learning_rate,
+                     "grad_clip": optimizer_lib.clip_norm(stage_rl.optimizer.grad_clip)}
+      jitted = jax.jit(lambda s, batch, h: step(s, batch, hyperparams=h),
+                       in_shardings=(stage.shardings, None, None),
+                       out_shardings=(stage.shardings, None), donate_argnums=0)
+      update = lambda s, batch: jitted(s, batch, hyperparams)
+    else:
+      update = jax.jit(step, in_shardings=(stage.shardings, None),
+                       out_shardings=(stage.shardings, None), donate_argnums=0)
+    logprobs_fn = jax.jit(lambda p, s, m, replay: response_logprobs(
+        ctx.model_cfg, p, s, m, stage_rl.max_new_tokens, stage_rl.temperature, ctx.vocab_limit,
+        replay)[0])
+    return _Program(stage_rl, recomputes(stage_rl), Sampler(ctx, stage_rl), update, logprobs_fn,
+                    jax.jit(functools.partial(losses.rollout_metrics, cfg=loss_cfg)))
+
+  programs: dict[int, _Program] = {}
+
+  def program() -> _Program:
+    """The current stage's program (the previous stage's is dropped when it ends)."""
+    if schedule.index not in programs:
+      programs.clear()
+      programs[schedule.index] = build(schedule.config)
+    return programs[schedule.index]
+
   history = ParamsHistory(rl.rollout_lag, stage.shardings.params)
   eval_set = context.eval_examples(ctx)
   base_key = jax.random.key(ctx.config.seed)
   group_ids = np.repeat(np.arange(b), g)
 
-  def minibatches(rollouts: Rollouts, weights: np.ndarray, advantages: np.ndarray, key):
+  def minibatches(p: _Program, rollouts: Rollouts, weights: np.ndarray, advantages: np.ndarray,
+                  key):
     order = np.asarray(jax.random.permutation(key, rows))
+    width = p.rl.max_new_tokens
     batches = []
     for part in np.split(order, mu):
       r = _take(rollouts, part)
       sequences = np.concatenate([r.tokens, r.completions], axis=1)
-      response = (np.arange(rl.max_new_tokens)[None] < r.lengths[:, None]).astype(np.float32)
+      response = (np.arange(width)[None] < r.lengths[:, None]).astype(np.float32)
       seq_mask = np.concatenate([r.prompt_mask, response > 0], axis=1)
       put = lambda x: to_global(x, ctx.mesh)
       sequences_d, seq_mask_d = put(sequences.astype(np.int32)), put(seq_mask)
       replay = (None if r.experts is None else model.RoutingReplay(
-          *(put(x) for x in replay_inputs(r, rl.max_new_tokens))))
+          *(put(x) for x in replay_inputs(r, width))))
       ref = (None if ref_params is None
-             else logprobs_fn(ref_params, sequences_d, seq_mask_d, replay))
+             else p.logprobs_fn(ref_params, sequences_d, seq_mask_d, replay))
       batches.append(RolloutBatch(sequences_d, seq_mask_d, put(response * weights[part][:, None]),
                                   put(r.logprobs.astype(np.float32)),
                                   put(advantages[part].astype(np.float32)),
                                   ref, routing_replay=replay))
     return batches
 
-  def recompute_old_logprobs(params, batches: list[RolloutBatch]):
+  def recompute_old_logprobs(p: _Program, params, batches: list[RolloutBatch]):
     """The trainer's log-probs before the first update become the old policy's; the sampler's
     the rollout policy's. Also the rollout-vs-old metrics of the whole generation batch."""
-    batches = [batch._replace(old_logprobs=logprobs_fn(params, batch.sequences,
-                                                       batch.sequence_mask, batch.routing_replay),
+    batches = [batch._replace(old_logprobs=p.logprobs_fn(params, batch.sequences,
+                                                         batch.sequence_mask,
+                                                         batch.routing_replay),
                               rollout_logprobs=batch.old_logprobs) for batch in batches]
     old, rollout, mask = (np.concatenate([to_host(getattr(batch, name)) for batch in batches])
                           for name in ("old_logprobs", "rollout_logprobs", "response_mask"))
-    metrics = jax.device_get(rollout_metrics_fn(old, rollout, mask))
+    metrics = jax.device_get(p.rollout_metrics_fn(old, rollout, mask))
     return batches, {k: float(v) for k, v in metrics.items()}
 
   def step_fn(state, step):
+    p = program()
     timer = StepStats()
     key = jax.random.fold_in(base_key, step)
-    rollouts, weights, metrics = collect(sampler, history.sampler_params(state.params),
-                                         prompt_iter, jax.random.fold_in(key, 0), rl, timer)
+    rollouts, weights, metrics = collect(p.sampler, history.sampler_params(state.params),
+                                         prompt_iter, jax.random.fold_in(key, 0), p.rl, timer)
     with timer("advantages"):
-      advantages = compute_advantages(rl.advantage, rollouts.rewards, group_ids, b)
+      advantages = compute_advantages(p.rl.advantage, rollouts.rewards, group_ids, b)
     update_metrics = []
     with timer("update"):
-      batches = minibatches(rollouts, weights, advantages, jax.random.fold_in(key, 1))
-      if recompute:
-        batches, rollout_metrics = recompute_old_logprobs(state.params, batches)
+      batches = minibatches(p, rollouts, weights, advantages, jax.random.fold_in(key, 1))
+      if p.recompute:
+        batches, rollout_metrics = recompute_old_logprobs(p, state.params, batches)
         metrics.update(rollout_metrics)
       for batch in batches:
-        state, m = update(state, batch)
+        state, m = p.update(state, batch)
         update_metrics.append(jax.device_get(m))
     metrics.update({k: float(np.mean([float(m[k]) for m in update_metrics]))
                     for k in update_metrics[0]})
@@ -382,6 +440,12 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
                                               / max(timer.seconds["generate"], 1e-9))
     metrics["time/trained_tokens_per_s"] = (
         float(np.sum(rollouts.lengths * (weights > 0))) / max(timer.seconds["update"], 1e-9))
+    if staged:
+      metrics.update(stage=schedule.index, stage_step=step + 1 - schedule.start,
+                     max_new_tokens=p.rl.max_new_tokens)
+      moved = schedule.end_step(step + 1, metrics)
+      if moved and ctx.is_main:
+        stage.progress.write(moved)
     return state, metrics
 
   def evaluate(params):
@@ -390,8 +454,9 @@ def train(ctx: context.Context, init_params_fn) -> Stage:
       results = evaluation.evaluate(ctx, params, eval_set, rl.max_prompt_len)
     return {**results, **timer.metrics()}
 
-  panels = PANELS + ROLLOUT_PANELS if recompute else PANELS
-  stage.run(state, prompt_iter, step_fn, panels=panels,
+  panels = (PANELS + (ROLLOUT_PANELS if any(map(recomputes, schedule.configs)) else ())
+            + (STAGE_PANELS if staged else ()))
+  stage.run(state, data, step_fn, panels=panels,
             postfix=("reward", "loss", "time/generate", "time/update"), updates_per_step=mu,
             evaluate=evaluate)
   return stage

@@ -15,6 +15,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import ml_collections
+from ml_collections.config_flags import config_path
 
 from m1jax import config as model_config
 from m1jax.rl import losses, rewards
@@ -76,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
       old_logprobs="sampler",
       routing_replay=False,  # the trainer's MoE uses the sampler's experts for response tokens
       rollout_lag=0,  # the sampler uses the params of this many steps ago (asynchronous RL)
+      # Staged length-window expansion: entries made by rl_stage(); () runs one stage (rl itself)
+      stages=(),
   ))
   c.rl.overlong = ml_collections.ConfigDict(dict(enabled=False, max_length=32, cache_length=8))
   c.rl.loss = ml_collections.ConfigDict(
@@ -253,6 +256,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     require(isinstance(weight, (int, float)) and weight >= 0, f"reward.{key}",
             "weights must be >= 0")
   require(any(w > 0 for w in cfg.reward.values()), "reward", "needs a positive weight")
+  if cfg.rl.stages:
+    validate_stages(cfg)
 
 
 def _same_kind(expected, value) -> bool:
@@ -277,11 +282,18 @@ def cfg_get(cfg: ml_collections.ConfigDict, path: str):
 
 
 def unknown_key(cfg: ml_collections.ConfigDict, path: str) -> str | None:
-  """None when the dotted key `path` ("rl.steps") is in `cfg`; else one line naming the first
-  missing key's full path and the closest known key there ("config.rl.step: unknown key; did you
-  mean config.rl.steps?")."""
+  """None when the dotted key `path` ("rl.steps", "rl.stages[1].steps") is in `cfg`; else one
+  line naming the first missing key's full path and the closest known key there
+  ("config.rl.step: unknown key; did you mean config.rl.steps?")."""
   node, walked = cfg, ""
-  for key in path.split("."):
+  for key in config_path.split(path):  # "rl.stages[1].steps" -> ("rl", "stages", 1, "steps")
+    if isinstance(key, int):
+      if not isinstance(node, (tuple, list)):
+        return f"config.{walked[:-1]}={node!r} is not a list of entries: no entry [{key}]"
+      if not -len(node) <= key < len(node):
+        return f"config.{walked[:-1]} has {len(node)} entries: no entry [{key}]"
+      node, walked = node[key], f"{walked[:-1]}[{key}]."
+      continue
     if not isinstance(node, ml_collections.ConfigDict):
       return f"config.{walked[:-1]}={node!r} is a value, not a group of keys: no key {key!r}"
     if key not in node:
@@ -408,3 +420,152 @@ def rerun_changes(stored: Mapping[str, Any], config: ml_collections.ConfigDict,
       ok = True
     (allowed if ok else refused)[key] = (before, after)
   return allowed, refused
+
+
+# --- rl.stages: staged length-window expansion ----------------------------------------------------
+# A stage is a partial rl config: the rl keys below (None: keep the previous stage's value, the
+# first stage's from rl) plus `steps` and `advance_when`, its end. Settings accumulate from stage
+# to stage; the last stage runs until rl.steps.
+STAGE_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_window",
+                  "repetition_prob", "decode_slots", "refill_rows", "dynamic_sampling",
+                  "max_sampling_rounds", "advantage", "overlong.enabled", "overlong.max_length",
+                  "overlong.cache_length", "optimizer.learning_rate", "optimizer.grad_clip") + tuple(
+                      f"loss.{f.name}" for f in dataclasses.fields(losses.LossConfig))
+# Per-step RL metrics a transition rule may watch (means over the stage's last `window` steps).
+ADVANCE_METRICS = ("truncated_length", "truncated_repetition", "finished_eos", "response_length",
+                   "reward", "accuracy", "entropy_mean", "filled_groups_frac")
+# LossConfig fields whose default is None, with the type a stage's value must have.
+_LOSS_OPTIONAL = {"aggregation": str, "max_length": int, "clip_eps_low": float,
+                  "clip_eps_high": float, "is_ratio_cap": float, "is_ratio_min": float}
+
+
+def _stage_template() -> ml_collections.ConfigDict:
+  """Every key of an rl.stages entry, unset (None, typed as the rl key it changes)."""
+  rl = base_config().rl
+  stage = ml_collections.ConfigDict()
+  stage.steps = 0  # > 0: the stage ends after this many steps (with a rule: at the latest)
+  stage.advance_when = ml_collections.ConfigDict(dict(
+      metric="truncated_length",
+      below=ml_collections.FieldReference(None, field_type=float),
+      above=ml_collections.FieldReference(None, field_type=float),
+      window=4,  # steps of this stage the metric is averaged over
+      min_steps=0))  # steps before the rule is first checked (at least `window`)
+  for path in STAGE_SETTINGS:
+    *parents, leaf = path.split(".")
+    node, source = stage, rl
+    for parent in parents:
+      if parent not in node:
+        node[parent] = ml_collections.ConfigDict()
+      node, source = node[parent], source[parent]
+    kind = _LOSS_OPTIONAL.get(leaf) if parents == ["loss"] else None
+    node[leaf] = ml_collections.FieldReference(None, field_type=kind or type(source[leaf]))
+  return stage
+
+
+def rl_stage(**settings) -> ml_collections.ConfigDict:
+  """One entry of rl.stages with every key present (so `--config.rl.stages[1].loss.clip_eps_high
+  =0.2` can set any of them), e.g. rl_stage(max_new_tokens=64, steps=20,
+  optimizer=dict(learning_rate=3e-5)) or rl_stage(max_new_tokens=32,
+  advance_when=dict(below=0.05, window=4))."""
+  stage = _stage_template()
+  _fill(stage, settings, "rl_stage")
+  return stage
+
+
+def _fill(node: ml_collections.ConfigDict, values: Mapping[str, Any], where: str) -> None:
+  for key, value in values.items():
+    if key not in node:
+      raise ValueError(f"{where}.{key}: unknown key; known keys here: {sorted(node.keys())}")
+    if isinstance(node[key], ml_collections.ConfigDict):
+      if not isinstance(value, Mapping):
+        raise ValueError(f"{where}.{key}={value!r}: expected a group of keys")
+      _fill(node[key], value, f"{where}.{key}")
+      continue
+    kind = node.get_type(key)
+    if value is not None and not _same_kind(kind(), value):
+      raise ValueError(f"{where}.{key}={value!r}: expected {kind.__name__}")
+    node[key] = value
+
+
+def rl_stages(rl: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  """rl.stages as complete entries (each rl_stage(**entry): entries may be plain dicts, as from
+  `--config.rl.stages='({"max_new_tokens": 16, "steps": 5}, {"max_new_tokens": 32})'` or a
+  config.json). Raises ValueError naming config.rl.stages[i].<key>."""
+  stages = rl.stages
+  if not isinstance(stages, (tuple, list)):
+    raise ValueError(f"config.rl.stages={stages!r}: expected a tuple of rl_stage() entries")
+  out = []
+  for i, entry in enumerate(stages):
+    where = f"config.rl.stages[{i}]"
+    if not isinstance(entry, (Mapping, ml_collections.ConfigDict)):
+      raise ValueError(f"{where}={entry!r}: expected an rl_stage() entry (a group of keys)")
+    values = entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else dict(entry)
+    stage = _stage_template()
+    _fill(stage, values, where)
+    out.append(stage)
+  return out
+
+
+def stage_rl_configs(rl: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  """The rl config each stage runs with: rl, then each stage's set keys applied in order (without
+  rl.stages). One entry, rl itself, when rl.stages is empty."""
+  current = ml_collections.ConfigDict(rl.to_dict())
+  current.stages = ()
+  if not rl.stages:
+    return [current]
+  out = []
+  for stage in rl_stages(rl):
+    for path in STAGE_SETTINGS:
+      value = cfg_get(stage, path)
+      if value is not None:
+        *parents, leaf = path.split(".")
+        node = current
+        for parent in parents:
+          node = node[parent]
+        node[leaf] = value
+    out.append(ml_collections.ConfigDict(current.to_dict()))
+  return out
+
+
+def validate_stages(cfg: ml_collections.ConfigDict) -> None:
+  """The checks of rl.stages (run by `validate`): known keys and types, a stage end for every
+  stage but the last, stages that can start before rl.steps, and every stage's rl settings
+  passing the checks rl's do; each error names config.rl.stages[i].<key>."""
+  stages = rl_stages(cfg.rl)
+  effective = stage_rl_configs(cfg.rl)
+  earliest_start = 0
+  for i, (stage, rl) in enumerate(zip(stages, effective)):
+    where = f"config.rl.stages[{i}]"
+    rule = stage.advance_when
+    ruled = rule.below is not None or rule.above is not None
+    last = i == len(stages) - 1
+    if stage.steps < 0:
+      raise ValueError(f"{where}.steps={stage.steps}: must be >= 0 (0: no step limit)")
+    if rule.below is not None and rule.above is not None:
+      raise ValueError(f"{where}.advance_when: set one of below={rule.below} and "
+                       f"above={rule.above}")
+    if rule.metric not in ADVANCE_METRICS:
+      raise ValueError(f"{where}.advance_when.metric={rule.metric!r}: must be one of "
+                       f"{ADVANCE_METRICS}")
+    if rule.window < 1:
+      raise ValueError(f"{where}.advance_when.window={rule.window}: must be >= 1")
+    if rule.min_steps < 0:
+      raise ValueError(f"{where}.advance_when.min_steps={rule.min_steps}: must be >= 0")
+    if last and (stage.steps or ruled):
+      raise ValueError(f"{where}: the last stage runs until rl.steps={cfg.rl.steps}; leave its "
+                       "steps at 0 and advance_when.below / above unset")
+    if not last and not (stage.steps or ruled):
+      raise ValueError(f"{where}: needs an end, steps > 0 or advance_when.below / above (only "
+                       "the last stage runs until rl.steps)")
+    if earliest_start >= cfg.rl.steps:
+      raise ValueError(f"{where}: starts at step {earliest_start} at the earliest, not before "
+                       f"rl.steps={cfg.rl.steps}")
+    shortest = max(rule.window, rule.min_steps) if ruled else stage.steps
+    earliest_start += min(shortest, stage.steps) if stage.steps else shortest
+    single = ml_collections.ConfigDict(cfg.to_dict())
+    single.rl = rl
+    try:
+      validate(single)
+    except ValueError as e:
+      raise ValueError(str(e).replace("config.rl.", f"{where}.", 1)
+                       .replace("config.rl:", f"{where}:", 1)) from None

@@ -290,7 +290,8 @@ def restore_params(ctx: Context, stage_dir: str, stage_cfg: ml_collections.Confi
   if os.path.exists(os.path.join(stage_dir, NONFINITE_MARKER)):
     raise ValueError(f"{stage_dir} stopped on non-finite steps: its latest checkpoint is not one "
                      "to start from; rerun that stage with the same --workdir first")
-  optimizer = optimizer_lib.make_optimizer(stage_cfg.optimizer, stage_cfg.steps)
+  optimizer = optimizer_lib.make_optimizer(stage_cfg.optimizer, stage_cfg.steps,
+                                           injectable=bool(stage_cfg.get("stages")))
   stage = Stage(ctx, os.path.basename(os.path.normpath(stage_dir)), stage_cfg.steps, optimizer,
                 stage_cfg, directory=stage_dir)
   try:

@@ -12,6 +12,7 @@ import optax
 
 from m1jax import model, sharding
 from m1jax.config import ModelConfig
+from m1jax.train import optimizer as optimizer_lib
 
 
 @flax.struct.dataclass
@@ -28,10 +29,12 @@ def create(params, optimizer: optax.GradientTransformation) -> TrainState:
 def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, grads,
                     metrics: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
   """The optimizer step every train step ends with: updates `state` by `grads` and adds
-  grad_norm (before clipping) and skipped (1 when optax.apply_if_finite skipped the update)."""
+  grad_norm (before clipping), skipped (1 when optax.apply_if_finite skipped the update) and,
+  for an injectable optimizer, the learning_rate and grad_clip the update used."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                 skipped=(opt_state.notfinite_count > 0).astype(jnp.float32))
+                 skipped=(opt_state.notfinite_count > 0).astype(jnp.float32),
+                 **optimizer_lib.hyperparams(opt_state))
   return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                     opt_state=opt_state), metrics
 
