@@ -71,25 +71,31 @@ def build_context(config: ml_collections.ConfigDict, workdir: str) -> Context:
   if model_cfg.eos_token_id is None:
     model_cfg = model_cfg.replace(eos_token_id=tokenizer.eos_id)
   task = None
-  if config.task.name != "jsonl":
+  if config.task.name not in ("jsonl", "code_jsonl"):
     task = tasks.make_task(config.task.name, **config.task.kwargs)
   mesh = sharding.make_mesh(dict(config.mesh))
+  code_reward = rewards.code.CodeReward(rewards.code.CodeSettings.from_config(config.code))
+  if config.task.name in schema.CODE_TASKS or config.reward.get("code", 0) > 0:
+    code_reward.check()  # fails closed now, before any training, when the sandbox cannot start
+  reward_fn = rewards.combine(dict(config.reward), {"code": code_reward})
   return Context(config=config, workdir=workdir, model_cfg=model_cfg, tokenizer=tokenizer,
-                 task=task, mesh=mesh, reward_fn=rewards.combine(dict(config.reward)))
+                 task=task, mesh=mesh, reward_fn=reward_fn)
 
 
 def source(ctx: Context, split: str):
   """The grain MapDataset of examples for `split` ("train" / "eval")."""
   t = ctx.config.task
-  if t.name == "jsonl":
-    return pipeline.jsonl_source(t.jsonl_path, split=split, eval_fraction=t.eval_fraction)
+  if t.name in ("jsonl", "code_jsonl"):
+    task = tasks.code_tasks.TASK if t.name == "code_jsonl" else "math"
+    return pipeline.jsonl_source(t.jsonl_path, split=split, eval_fraction=t.eval_fraction,
+                                 task=task)
   return pipeline.synthetic_source(ctx.task, seed=ctx.config.seed, split=split,
                                    eval_fraction=t.eval_fraction)
 
 
 def eval_examples(ctx: Context) -> list:
   t = ctx.config.task
-  if t.name == "jsonl":
+  if t.name in ("jsonl", "code_jsonl"):
     return list(source(ctx, "eval"))[:t.eval_size]
   return tasks.make_eval_set(ctx.task, size=t.eval_size, seed=t.eval_seed,
                              eval_fraction=t.eval_fraction)

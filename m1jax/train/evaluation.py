@@ -12,12 +12,12 @@ from m1jax.train.transfer import to_global, to_host
 
 
 def score(ctx: Context, tokens: np.ndarray, examples, lengths: np.ndarray):
-  """Decodes responses once -> (combined reward [B] float32, task reward (correctness) [B])."""
+  """Decodes responses once -> (combined reward [B] float32, task reward (correctness) [B]).
+  Each response is verified once: the "task" component is reused when the reward has one."""
   scores = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples, lengths=lengths)
-  task_reward = rewards.get_reward_fn("task")
-  correct = np.asarray([task_reward(text, example)
-                        for text, example in zip(scores.texts, examples)], np.float32)
-  return scores.rewards, correct
+  if "task" in scores.components:
+    return scores.rewards, scores.components["task"]
+  return scores.rewards, rewards.score_batch(ctx.reward_fn.task, scores.texts, examples)
 
 
 def evaluate(ctx: Context, params, examples: list, max_prompt_len: int) -> dict[str, float]:
