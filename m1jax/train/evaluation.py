@@ -36,8 +36,10 @@ def evaluate(ctx: Context, params, examples: list, max_prompt_len: int) -> dict[
                             prompt_mask=to_global(batch.mask, ctx.mesh))
     tokens, lengths = to_host(out.tokens), to_host(out.lengths)
     valid = np.asarray(batch.valid)
-    reward, correct = score(ctx, tokens, list(batch.examples), lengths)
-    totals["reward"].append(reward[valid])
-    totals["accuracy"].append(correct[valid])
+    # Only the real rows are scored (padding rows repeat an example: no sandbox runs for them).
+    reward, correct = score(ctx, tokens[valid], [e for e, v in zip(batch.examples, valid) if v],
+                            lengths[valid])
+    totals["reward"].append(reward)
+    totals["accuracy"].append(correct)
     totals["length"].append(lengths[valid])
   return {f"eval/{k}": float(np.mean(np.concatenate(v))) for k, v in totals.items()}

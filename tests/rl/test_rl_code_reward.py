@@ -16,12 +16,13 @@ from m1jax.rl.rewards import code
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SECRET = "s3cret-checkpoint-bytes-7f2a"
-# 256 hostile programs (the list below, repeated) on 8 workers with a 0.5 s limit: about 25 s on
-# 2 idle cores (the infinite loops burn their CPU second each). The budget allows a loaded CI
-# machine 4x that, plus the sandbox check (docs/code_reward.md states the same budget).
+# 256 hostile programs (the list below, repeated) on 8 workers with a 0.5 s limit (+ 1.5 s grace
+# for starting up): about 15 s on 2 shared cores (the infinite loops burn their CPU second each,
+# the sleepers wait out the wall deadline). The budget allows a loaded CI machine 8x that
+# (docs/code_reward.md states the same budget).
 HOSTILE_BATCH = 256
 HOSTILE_BATCH_BUDGET_S = 120.0
-FAST = code.CodeSettings(time_limit_s=0.5, startup_grace_s=0.5, memory_mb=128, workers=8)
+FAST = code.CodeSettings(time_limit_s=0.5, startup_grace_s=1.5, memory_mb=128, workers=8)
 
 
 def _example(tests=(([1], 2), ([5], 6)), entry_point="f", **meta):
@@ -71,8 +72,8 @@ def _hostile(targets) -> dict[str, tuple[str, str]]:
   return {
       "infinite_loop": ("def f(x):\n  while True:\n    pass\n", "timeout"),
       "fork_bomb": ("import os\ndef f(x):\n  while True:\n    os.fork()\n", "violation"),
-      "memory_hog": ("def f(x):\n  hog = []\n  while True:\n    hog.append(bytearray(1 << 24))\n",
-                     "memory"),
+      # One large allocation: a gradual hog on a loaded machine may reach the time limit first.
+      "memory_hog": ("def f(x):\n  hog = bytearray(1 << 34)\n" + ok, "memory"),
       "write_repository": (f"def f(x):\n  open({str(targets['repo_file'])!r}, 'w').write('x')\n"
                            + ok, "violation"),
       "write_home": ("import os\ndef f(x):\n"
