@@ -95,7 +95,8 @@ def code_config() -> ml_collections.ConfigDict:
       max_processes=8,  # RLIMIT_NPROC of the sandbox's uid (threads count)
       max_output_bytes=1 << 20,  # stdout + stderr; more ends the program (reason output_limit)
       max_file_bytes=1 << 20,  # RLIMIT_FSIZE
-      startup_grace_s=2.0,  # wall seconds allowed on top of time_limit_s for starting up
+      max_dir_bytes=16 << 20,  # size of the program's directory (a tmpfs)
+      startup_grace_s=2.0,  # wall seconds for starting bwrap and Python (before the time limit)
       workers=2,  # programs run concurrently
       bwrap="bwrap",  # the bubblewrap executable
       python_prefix="",  # the Python installation programs run with ("": this interpreter's)
@@ -109,7 +110,7 @@ def code_config() -> ml_collections.ConfigDict:
 def _validate_code(cfg: ml_collections.ConfigDict, require) -> None:
   c = cfg.code
   for key in ("time_limit_s", "memory_mb", "max_processes", "max_output_bytes", "max_file_bytes",
-              "workers"):
+              "max_dir_bytes", "workers"):
     require(c[key] > 0, f"code.{key}", "must be positive")
   require(c.startup_grace_s >= 0, "code.startup_grace_s", "must be >= 0")
   require(c.unsafe_no_sandbox or c.bwrap, "code.bwrap", "must name the bubblewrap executable")

@@ -173,6 +173,19 @@ def test_correct_programs_pass_and_mistakes_get_their_reason(reward):
   assert results[1].reward() == 0.0 and results[1].reward(partial_credit=True) == 0.5
 
 
+def test_the_program_directory_is_small_and_private(reward):
+  fill = ("def f(x):\n  for i in range(64):\n    open(f'junk{i}', 'w').write('x' * 1000000)\n"
+          "  return x + 1\n")  # 64 MB into a 16 MiB directory
+  big = "def f(x):\n  open('big', 'w').write('x' * (2 << 20))\n  return x + 1\n"  # > 1 MiB file
+  local = "def f(x):\n  open('note', 'w').write(str(x))\n  return int(open('note').read()) + 1\n"
+  dirs = _sandbox_dirs()
+  filled, too_big, fine = reward.run([fill, big, local], [_example()] * 3)
+  assert filled.reason == "output_limit" and "No space left" in filled.detail
+  assert too_big.reason == "output_limit" and "File too large" in too_big.detail
+  assert fine.reason == "ok"
+  assert _sandbox_dirs() == dirs
+
+
 def test_a_problem_time_limit_overrides_the_settings(reward):
   slow = "import time\ndef f(x):\n  time.sleep(0.6)\n  return x + 1\n"  # 1.2 s for 2 tests
   fast_limit, slow_limit = _example(time_limit_s=0.2), _example(time_limit_s=3.0)

@@ -47,6 +47,7 @@ class CodeSettings:
   max_processes: int = 8
   max_output_bytes: int = 1 << 20
   max_file_bytes: int = 1 << 20
+  max_dir_bytes: int = 16 << 20
   startup_grace_s: float = 2.0
   workers: int = 2
   bwrap: str = "bwrap"
@@ -63,7 +64,7 @@ class CodeSettings:
     return Limits(time_limit_s=self.time_limit_s if time_limit_s is None else time_limit_s,
                   memory_mb=self.memory_mb, max_processes=self.max_processes,
                   max_output_bytes=self.max_output_bytes, max_file_bytes=self.max_file_bytes,
-                  startup_grace_s=self.startup_grace_s)
+                  max_dir_bytes=self.max_dir_bytes, startup_grace_s=self.startup_grace_s)
 
   @classmethod
   def from_config(cls, cfg) -> "CodeSettings":

@@ -1,12 +1,13 @@
 """Runs inside the sandbox: limits itself, drops to its own uid, then runs one program's tests.
 
-Standard library only, and never imported by m1jax: `sandbox.py` passes this file's text to
-`python -I -S -B -c` (nothing of the repository is visible in the sandbox). stdin holds the job:
+Standard library only: `sandbox.py` passes this file's text to `python -I -S -B -c` (nothing of
+the repository is visible in the sandbox). stdin holds the job:
 {"program", "entry_point", "tests": [[args...], ...], "limits": {...}, "uid", "workdir",
 "read_roots", "audit", "results_fd"}; the expected outputs never enter the sandbox, so a program cannot forge
 a pass by writing to the result pipe (it can only report values, which the parent compares).
 
 Writes JSON lines to the result pipe (the job's "results_fd"):
+  {"started": true}                     the program is about to run (its time limit starts)
   {"violation": "<event> <detail>"}     the audit hook blocked a forbidden action (written at once)
   {"setup": "<reason>", "detail": ...}  the program did not define a callable entry point
   {"test": i, "value": <json>}          test i returned this value
@@ -14,12 +15,14 @@ Writes JSON lines to the result pipe (the job's "results_fd"):
   {"done": true}
 """
 
+import errno
 import json
 import os
 import resource
 import sys
 
 RESULTS_FD = 3  # replaced by the job's "results_fd"
+STARTED = '{"started": true}'
 
 # Events that are forbidden whatever their arguments (processes, signals, network, native code).
 FORBIDDEN_EVENTS = frozenset((
@@ -110,7 +113,11 @@ def _set_limits(limits: dict) -> None:
 
 
 def _reason(error: BaseException) -> str:
-  return "memory" if isinstance(error, MemoryError) else "crash"
+  if isinstance(error, MemoryError):
+    return "memory"
+  if isinstance(error, OSError) and error.errno in (errno.EFBIG, errno.ENOSPC):
+    return "output_limit"  # a file over RLIMIT_FSIZE (Python ignores SIGXFSZ), a full directory
+  return "crash"
 
 
 def _detail(error: BaseException) -> str:
@@ -134,6 +141,7 @@ def main() -> None:
   if job["audit"]:
     sys.addaudithook(make_audit_hook(job["workdir"], tuple(job["read_roots"])))
   namespace = {"__name__": "__program__", "__builtins__": __builtins__}
+  _write(STARTED)  # the parent's time limit counts from here
   try:
     exec(compile(program, "<program>", "exec"), namespace)  # noqa: S102 -- the sandbox's job
     fn = namespace.get(job["entry_point"])

@@ -6,14 +6,16 @@ Layout of the sandbox (bwrap, run as root; docs/code_reward.md lists what each p
   /usr/lib, /usr/lib64 (+ /lib, /lib64 as on the host)  shared libraries, read-only
   /proc /dev      the new pid namespace's proc; a minimal /dev (null, zero, urandom, ...)
   /tmp /home      empty tmpfs, not writable by the program
-  /sandbox        a fresh temporary directory (cwd), writable, owned by the slot's uid
+  /sandbox        the program's directory (cwd): a fresh tmpfs of max_dir_bytes, the only
+                  writable place, gone with the sandbox
 New pid, network, ipc, uts and cgroup namespaces; --die-with-parent; --new-session; every
 capability dropped except setuid/setgid, which the harness uses once to become uid
 `uid_base + slot` (so RLIMIT_NPROC counts only that slot's processes) and then loses. The harness
 sets RLIMIT_CPU, RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE and RLIMIT_CORE before the
 program runs, and a Python audit hook that reports (and blocks) processes, signals, sockets,
-native code and file access outside /sandbox. The parent kills the sandbox at the wall-time
-deadline or when stdout + stderr exceed their cap.
+native code and file access outside /sandbox. The parent kills the sandbox time_limit_s after
+the program started (or startup_grace_s + time_limit_s after the launch, whichever is first) or
+when stdout + stderr exceed their cap.
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ import tempfile
 import threading
 import time
 
-HARNESS = (pathlib.Path(__file__).parent / "harness.py").read_text(encoding="utf-8")
+from m1jax.rl.rewards.code import harness
+
+HARNESS = pathlib.Path(harness.__file__).read_text(encoding="utf-8")
 SANDBOX_DIR = "/sandbox"
 SANDBOX_PYTHON = "/opt/python"
 RESULTS_CAP_BYTES = 4 << 20  # the result pipe (values returned by the tests)
@@ -47,17 +51,20 @@ class SandboxUnavailable(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-  """Per-program limits. time_limit_s bounds all its tests together (wall and CPU)."""
+  """Per-program limits. time_limit_s bounds all its tests together (wall time from the
+  program's start, and CPU time); the whole sandbox gets at most startup_grace_s more."""
   time_limit_s: float = 2.0
   memory_mb: int = 256  # RLIMIT_AS
   max_processes: int = 8  # RLIMIT_NPROC of the slot's uid (threads count)
   max_output_bytes: int = 1 << 20  # stdout + stderr
   max_file_bytes: int = 1 << 20  # RLIMIT_FSIZE: largest file the program may write
-  startup_grace_s: float = 2.0  # added to the wall deadline for starting bwrap and Python
+  max_dir_bytes: int = 16 << 20  # size of the tmpfs that is the program's directory
+  # wall seconds for starting bwrap and Python; the time limit counts from the program's start
+  startup_grace_s: float = 2.0
 
   def __post_init__(self):
     for name in ("time_limit_s", "memory_mb", "max_processes", "max_output_bytes",
-                 "max_file_bytes"):
+                 "max_file_bytes", "max_dir_bytes"):
       if getattr(self, name) <= 0:
         raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
     if self.startup_grace_s < 0:
@@ -133,12 +140,13 @@ class Sandbox:
   def run(self, program: str, entry_point: str, tests: list[list], limits: Limits,
           slot: int = 0) -> Execution:
     """Runs `program`, then `entry_point(*args)` for each args list of `tests`, in a fresh
-    temporary directory that is removed afterwards. Slots must not be used concurrently."""
+    directory that is gone afterwards. Slots must not be used concurrently."""
     self.check()
     return self._run(program, entry_point, tests, limits, slot)
 
-  def _command(self, workdir: str) -> tuple[list[str], str, list[str]]:
-    """(argv, the program's working directory as it sees it, its read-only roots)."""
+  def _command(self, workdir: str, limits: Limits) -> tuple[list[str], str, list[str]]:
+    """(argv, the program's working directory as it sees it, its read-only roots). Sandboxed,
+    that directory is a fresh tmpfs of limits.max_dir_bytes; `workdir` is used unsafe only."""
     python = _interpreter(self.prefix)
     if self.unsafe:
       return ([os.path.join(self.prefix, "bin", python)], workdir,
@@ -162,7 +170,8 @@ class Sandbox:
     if os.path.isdir(os.path.join(self.prefix, "lib", version, "site-packages")):
       argv += ["--tmpfs", f"{SANDBOX_PYTHON}/lib/{version}/site-packages"]
     argv += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--tmpfs", "/home",
-             "--bind", workdir, SANDBOX_DIR, "--chdir", "/", "--clearenv",
+             "--size", str(limits.max_dir_bytes), "--perms", "1777", "--tmpfs", SANDBOX_DIR,
+             "--chdir", "/", "--clearenv",
              "--setenv", "HOME", "/home", "--setenv", "PATH", "/usr/bin",
              f"{SANDBOX_PYTHON}/bin/{python}"]
     return argv, SANDBOX_DIR, roots + list(_READ_DEVICES)
@@ -171,15 +180,12 @@ class Sandbox:
     workdir = tempfile.mkdtemp(prefix="m1jax-code-")
     read_fd, write_fd = os.pipe()
     try:
-      argv, inner_dir, read_roots = self._command(workdir)
+      argv, inner_dir, read_roots = self._command(workdir, limits)
       uid = None if self.unsafe else self.uid_base + slot
       job = dict(program=program, entry_point=entry_point, tests=tests, uid=uid,
                  workdir=inner_dir, read_roots=read_roots, audit=self.audit, results_fd=write_fd,
                  limits=dict(cpu_s=math.ceil(limits.time_limit_s), memory_mb=limits.memory_mb,
                              processes=limits.max_processes, file_bytes=limits.max_file_bytes))
-      if uid is not None:
-        os.chown(workdir, uid, uid)
-      os.chmod(workdir, 0o700)
       argv = argv + ["-I", "-S", "-B", "-c", HARNESS]
       env = {"PATH": "/usr/bin:/bin", "HOME": workdir} if self.unsafe else {}
       start = time.monotonic()
@@ -213,7 +219,7 @@ class Sandbox:
     """Writes the job to stdin, reads the result pipe and stdout/stderr until they close and the
     process ends; kills its process group at the deadline or when a cap is exceeded. Returns
     (results bytes, the tail of the output, killed reason or None)."""
-    results, output, output_bytes, killed = bytearray(), bytearray(), 0, None
+    results, output, output_bytes, killed, started = bytearray(), bytearray(), 0, None, False
     selector = selectors.DefaultSelector()
     selector.register(process.stdin, selectors.EVENT_WRITE, "job")
     selector.register(read_fd, selectors.EVENT_READ, "results")
@@ -242,6 +248,9 @@ class Sandbox:
             selector.unregister(key.fileobj)
           elif key.data == "results":
             results += chunk
+            if not started and harness.STARTED.encode() in results:
+              started = True  # from now on the program has time_limit_s
+              deadline = min(deadline, time.monotonic() + limits.time_limit_s)
             if len(results) > RESULTS_CAP_BYTES:
               killed = "output_limit"
           else:
