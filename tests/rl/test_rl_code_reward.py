@@ -166,6 +166,10 @@ def test_correct_programs_pass_and_mistakes_get_their_reason(reward):
       "def f(x) return": ("crash", [False, False]),
       "def f(x):\n  return {x}": ("crash", [False, False]),  # a set is not JSON
       "": ("crash", [False, False]),
+      # Fake harness records on every descriptor that might be the result pipe, then quit.
+      "import os\nfor fd in range(3, 64):\n  try:\n    os.write(fd, b'{\"setup\": \"ok\"}\\n"
+      "{\"test\": 0, \"reason\": \"ok\"}\\n')\n  except OSError:\n    pass\nos._exit(0)\n":
+          ("crash", [False, False]),
   }
   results = reward.run(list(cases), [example] * len(cases))
   for (text, (reason, passed)), result in zip(cases.items(), results):

@@ -90,7 +90,7 @@ class ProgramResult:
 
   @property
   def passed(self) -> bool:
-    return self.reason == "ok"
+    return self.reason == "ok" and bool(self.tests) and all(t.passed for t in self.tests)
 
   def reward(self, partial_credit: bool = False) -> float:
     if self.reason == "violation" or not self.tests:
@@ -132,6 +132,15 @@ def _signal_reason(returncode: int) -> str | None:
   return {24: "timeout", 25: "output_limit"}.get(sig, "crash")  # SIGXCPU, SIGXFSZ
 
 
+# Reasons the harness may report for a failure (anything else on the result pipe is "crash": the
+# program can write there too, but only the parent's comparison can make a test pass).
+_FAILURE_REASONS = ("memory", "crash", "output_limit")
+
+
+def _failure(reason) -> str:
+  return reason if reason in _FAILURE_REASONS else "crash"
+
+
 def judge(execution: sandbox_lib.Execution, expected: Sequence[Any]) -> ProgramResult:
   """Compares an execution's returned values with the expected ones -> ProgramResult."""
   records = execution.records
@@ -145,7 +154,7 @@ def judge(execution: sandbox_lib.Execution, expected: Sequence[Any]) -> ProgramR
     reason, detail = ended, (f"killed by the parent ({ended})" if execution.killed
                              else f"exit status {execution.returncode}")
   elif setup is not None:
-    reason, detail = str(setup.get("setup", "crash")), str(setup.get("detail", ""))
+    reason, detail = _failure(setup.get("setup")), str(setup.get("detail", ""))
   else:
     reason, detail = None, ""
   missing = reason or "crash"
@@ -161,7 +170,7 @@ def judge(execution: sandbox_lib.Execution, expected: Sequence[Any]) -> ProgramR
       tests.append(TestResult(ok, "ok" if ok else "wrong_answer",
                               "" if ok else f"returned {record['value']!r:.100}"))
     else:
-      tests.append(TestResult(False, str(record.get("reason", "crash")),
+      tests.append(TestResult(False, _failure(record.get("reason")),
                               str(record.get("detail", ""))))
   if reason is None:
     failed = next((t for t in tests if not t.passed), None)

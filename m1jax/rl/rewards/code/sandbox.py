@@ -95,8 +95,8 @@ class Sandbox:
   Args:
     bwrap: the bubblewrap executable (a name on PATH or a path).
     python_prefix: the Python installation the programs run with ("" : sys.base_prefix).
-    unsafe_no_sandbox: run without bwrap, uid change or audit-free guarantees: only the rlimits,
-      the audit hook and the wall-time kill remain. Never for untrusted code.
+    unsafe_no_sandbox: run without bwrap and without the uid change: only the rlimits, the
+      audit hook and the wall-time kill remain. Never for untrusted code.
     uid_base: slot s runs as uid uid_base + s.
     audit: install the harness's audit hook (reasons "violation"); False only to test the layers
       beneath it.
