@@ -17,8 +17,8 @@ from m1jax.rl.rewards import code
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SECRET = "s3cret-checkpoint-bytes-7f2a"
 # 256 hostile programs (the list below, repeated) on 8 workers with a 0.5 s limit (+ 1.5 s grace
-# for starting up): about 15 s on 2 shared cores (the infinite loops burn their CPU second each,
-# the sleepers wait out the wall deadline). The budget allows a loaded CI machine 8x that
+# for starting up): 9-11 s on 2 cores shared with other work (the infinite loops burn their CPU
+# second each, the sleepers wait out their limit). The budget allows a loaded CI machine 10x that
 # (docs/code_reward.md states the same budget).
 HOSTILE_BATCH = 256
 HOSTILE_BATCH_BUDGET_S = 120.0
