@@ -190,6 +190,11 @@ def test_the_program_directory_is_small_and_private(reward):
   assert _sandbox_dirs() == dirs
 
 
+def test_what_a_program_prints_is_kept_for_inspection(reward):
+  (result,) = reward.run(["print('hello from f')\ndef f(x):\n  return x + 1\n"], [_example()])
+  assert result.reason == "ok" and "hello from f" in result.output_tail
+
+
 def test_a_problem_time_limit_overrides_the_settings(reward):
   slow = "import time\ndef f(x):\n  time.sleep(0.6)\n  return x + 1\n"  # 1.2 s for 2 tests
   fast_limit, slow_limit = _example(time_limit_s=0.2), _example(time_limit_s=3.0)

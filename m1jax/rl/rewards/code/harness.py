@@ -127,6 +127,16 @@ def _detail(error: BaseException) -> str:
     return type(error).__name__
 
 
+def _exit() -> None:
+  """Ends the process without the program's atexit handlers, after flushing what it printed."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except BaseException:  # a closed or replaced stream
+      pass
+  os._exit(0)
+
+
 def main() -> None:
   job = json.loads(sys.stdin.buffer.read())
   global RESULTS_FD
@@ -149,7 +159,7 @@ def main() -> None:
       raise NameError(f"the program defines no function {job['entry_point']!r}")
   except BaseException as e:
     _report({"setup": _reason(e), "detail": _detail(e)})
-    os._exit(0)
+    _exit()
   for i, args in enumerate(tests):
     try:
       line = json.dumps({"test": i, "value": fn(*args)})
@@ -157,7 +167,7 @@ def main() -> None:
       line = json.dumps({"test": i, "reason": _reason(e), "detail": _detail(e)})
     _write(line)
   _report({"done": True})
-  os._exit(0)
+  _exit()
 
 
 if __name__ == "__main__":
