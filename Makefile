@@ -24,14 +24,21 @@ $(VENV)/.installed-test: $(VENV)/.installed-runtime
 	$(INSTALL) -e ".[test]"
 	touch $@
 
-.PHONY: install demo test ablation lock clean
+.PHONY: install sandbox demo test ablation lock clean
 install: $(VENV)/.installed-runtime
+
+# bubblewrap, the code reward's sandbox (docs/code_reward.md); a no-op when bwrap is on PATH.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || { \
+	  echo "installing bubblewrap (apt-get install -y bubblewrap)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bubblewrap; }
 
 demo: $(VENV)/.installed-runtime  ## SFT warm start + CISPO RL on the tiny model (configs/demo.py)
 	$(PY) -m experiments.train --config=configs/demo.py --workdir=$(WORKDIR)
 	$(PY) -m experiments.check_demo --workdir=$(WORKDIR)
 
-test: $(VENV)/.installed-test  ## the CPU test suite (GPU tests are skipped without a GPU)
+test: $(VENV)/.installed-test sandbox  ## the CPU test suite (GPU tests are skipped without a GPU)
 	$(PY) -m pytest -q -n 2 --dist=loadfile tests
 
 # One RL objective (configs/rl/<OBJECTIVE>_arithmetic.py) from the shared SFT start;

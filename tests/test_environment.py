@@ -1,9 +1,12 @@
 """constraints.txt (written by `make lock`) pins every requirement of setup.py, so `make demo`
-and `make test` install the versions the documented numbers were measured with."""
+and `make test` install the versions the documented numbers were measured with; `make test` also
+installs bubblewrap (the code reward's sandbox) where it is missing."""
 
 import ast
 import os
 import re
+import shutil
+import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,3 +45,27 @@ def test_make_targets_install_from_the_constraints():
   assert "$(INSTALL) -e .\n" in runtime and "[test]" not in runtime  # the demo: runtime only
   assert re.search(r"^demo: \$\(VENV\)/\.installed-runtime", makefile, re.M)
   assert re.search(r"^test: \$\(VENV\)/\.installed-test", makefile, re.M)
+
+
+def _make_sandbox(tmp_path, with_bwrap: bool) -> str:
+  """Runs `make sandbox` with a PATH of stand-ins: a recording apt-get, and bwrap or not."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(parents=True)
+  log = tmp_path / "apt.log"
+  (bin_dir / "apt-get").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+  (bin_dir / "apt-get").chmod(0o755)
+  (bin_dir / "id").symlink_to(shutil.which("id"))
+  if with_bwrap:
+    (bin_dir / "bwrap").write_text("#!/bin/sh\n")
+    (bin_dir / "bwrap").chmod(0o755)
+  subprocess.run([shutil.which("make"), "-s", "-C", ROOT, "sandbox"], check=True,
+                 env={"PATH": str(bin_dir)}, capture_output=True)
+  return log.read_text() if log.exists() else ""
+
+
+def test_make_test_installs_bubblewrap_only_where_it_is_missing(tmp_path):
+  with open(os.path.join(ROOT, "Makefile")) as f:
+    assert re.search(r"^test: .*\bsandbox\b", f.read(), re.M)
+  assert _make_sandbox(tmp_path / "present", with_bwrap=True) == ""
+  calls = _make_sandbox(tmp_path / "missing", with_bwrap=False)
+  assert calls.splitlines() == ["update -qq", "install -y -qq bubblewrap"]

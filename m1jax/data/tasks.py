@@ -1,4 +1,4 @@
-"""Verifiable tasks: synthetic arithmetic and countdown generators, and a JSONL reader.
+"""Verifiable tasks: synthetic arithmetic, countdown and code generators, and a JSONL reader.
 
 Every example is an `Example` (prompt, gold answer, SFT demonstration, task name, metadata).
 Demonstrations end with the final answer written as `#### <answer>` on the last line; the math
@@ -13,6 +13,8 @@ overlap, whatever the seeds, as long as both sides use the same `eval_fraction`.
 Prompt formats (compact, for small byte-level contexts):
   arithmetic  "47+85="               -> "7+5=12,4+8+1=13 #### 132"
   countdown   "make 26 from 3 5 7:"  -> "7*3=21,21+5=26 #### 7*3+5"
+  code        "f(x): x times 3 plus 2\n" -> "def f(x):\n  return x*3+2"  (m1jax.data.code_tasks:
+              hidden unit tests in metadata, scored by running the program in a sandbox)
 """
 
 import dataclasses
@@ -245,7 +247,7 @@ TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "countdown": CountdownTa
 
 
 def make_task(name: str, **kwargs) -> Task:
-  """A task by name ("arithmetic", "countdown") with its difficulty knobs as keywords."""
+  """A task by name ("arithmetic", "countdown", "code") with its difficulty knobs as keywords."""
   if name not in TASKS:
     raise ValueError(f"name: unknown task {name!r}; expected one of {sorted(TASKS)}")
   return TASKS[name](**kwargs)
@@ -383,7 +385,8 @@ def read_jsonl(
       `#### <answer>`.
     task: task name stored on each example; selects the verifier of the "task" reward
       ("math", or "countdown" with a "numbers" list of integers and an integer target as
-      answer).
+      answer). "code" reads programming problems instead (`code_tasks.read_jsonl`: fixed fields,
+      the keys above unused).
 
   Returns:
     The examples; fields other than the three above go to `Example.metadata`.
@@ -393,6 +396,8 @@ def read_jsonl(
       file), invalid JSON (with the text around the error), non-objects, missing/empty fields,
       lone surrogates, answers that are not answers.
   """
+  if task == code_tasks.TASK:
+    return code_tasks.read_jsonl(path)
   examples = []
   with open(path, "rb") as f:
     head = f.read(4)
@@ -433,3 +438,7 @@ def read_jsonl(
   if not examples:
     raise ValueError(f"path: {path} holds no examples")
   return examples
+
+
+# The code family (its own module) adds itself to TASKS; it imports Example from here.
+from m1jax.data import code_tasks  # noqa: E402

@@ -77,18 +77,24 @@ def build_context(config: ml_collections.ConfigDict, workdir: str,
   if model_cfg.eos_token_id is None:
     model_cfg = model_cfg.replace(eos_token_id=tokenizer.eos_id)
   task, examples = None, None
-  if config.task.name != "jsonl":
+  if config.task.name not in ("jsonl", "code_jsonl"):
     task = tasks.make_task(config.task.name, **config.task.kwargs)
   if read_data and task is not None:  # a sample of the synthetic stream
     sample = [tasks.generate_example(task, seed=config.seed, index=i,
                                      eval_fraction=config.task.eval_fraction) for i in range(64)]
     check_lengths(config, tokenizer, sample, f"task {config.task.name}", drop=False)
   elif read_data:
-    examples = check_lengths(config, tokenizer, tasks.read_jsonl(config.task.jsonl_path),
-                             config.task.jsonl_path, drop=config.task.drop_long)
+    jsonl_task = tasks.code_tasks.TASK if config.task.name == "code_jsonl" else "math"
+    examples = check_lengths(
+        config, tokenizer, tasks.read_jsonl(config.task.jsonl_path, task=jsonl_task),
+        config.task.jsonl_path, drop=config.task.drop_long)
   mesh = sharding.make_mesh(dict(config.mesh))
+  code_reward = rewards.code.CodeReward(rewards.code.CodeSettings.from_config(config.code))
+  if config.task.name in schema.CODE_TASKS or config.reward.get("code", 0) > 0:
+    code_reward.check()  # fails closed now, before any training, when the sandbox cannot start
+  reward_fn = rewards.combine(dict(config.reward), {"code": code_reward})
   return Context(config=config, workdir=workdir, model_cfg=model_cfg, tokenizer=tokenizer,
-                 task=task, mesh=mesh, reward_fn=rewards.combine(dict(config.reward)),
+                 task=task, mesh=mesh, reward_fn=reward_fn,
                  examples=examples)
 
 
@@ -129,7 +135,7 @@ def check_lengths(config: ml_collections.ConfigDict, tokenizer, examples: list, 
 def source(ctx: Context, split: str):
   """The grain MapDataset of examples for `split` ("train" / "eval")."""
   t = ctx.config.task
-  if t.name == "jsonl":
+  if t.name in ("jsonl", "code_jsonl"):
     return pipeline.examples_source(ctx.examples, split=split, eval_fraction=t.eval_fraction,
                                     where=t.jsonl_path)
   return pipeline.synthetic_source(ctx.task, seed=ctx.config.seed, split=split,
@@ -138,7 +144,7 @@ def source(ctx: Context, split: str):
 
 def eval_examples(ctx: Context) -> list:
   t = ctx.config.task
-  if t.name == "jsonl":
+  if t.name in ("jsonl", "code_jsonl"):
     return list(source(ctx, "eval"))[:t.eval_size]
   return tasks.make_eval_set(ctx.task, size=t.eval_size, seed=t.eval_seed,
                              eval_fraction=t.eval_fraction)

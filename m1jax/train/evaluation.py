@@ -12,12 +12,12 @@ from m1jax.train.transfer import to_global, to_host
 
 
 def score(ctx: Context, tokens: np.ndarray, examples, lengths: np.ndarray):
-  """Decodes responses once -> (combined reward [B] float32, task reward (correctness) [B])."""
+  """Decodes responses once -> (combined reward [B] float32, task reward (correctness) [B]).
+  Each response is verified once: the "task" component is reused when the reward has one."""
   scores = rewards.score_responses(ctx.reward_fn, ctx.tokenizer, tokens, examples, lengths=lengths)
-  task_reward = rewards.get_reward_fn("task")
-  correct = np.asarray([task_reward(text, example)
-                        for text, example in zip(scores.texts, examples)], np.float32)
-  return scores.rewards, correct
+  if "task" in scores.components:
+    return scores.rewards, scores.components["task"]
+  return scores.rewards, rewards.score_batch(ctx.reward_fn.task, scores.texts, examples)
 
 
 def evaluate(ctx: Context, params, examples: list, max_prompt_len: int) -> dict[str, float]:
@@ -36,8 +36,10 @@ def evaluate(ctx: Context, params, examples: list, max_prompt_len: int) -> dict[
                             prompt_mask=to_global(batch.mask, ctx.mesh))
     tokens, lengths = to_host(out.tokens), to_host(out.lengths)
     valid = np.asarray(batch.valid)
-    reward, correct = score(ctx, tokens, list(batch.examples), lengths)
-    totals["reward"].append(reward[valid])
-    totals["accuracy"].append(correct[valid])
+    # Only the real rows are scored (padding rows repeat an example: no sandbox runs for them).
+    reward, correct = score(ctx, tokens[valid], [e for e, v in zip(batch.examples, valid) if v],
+                            lengths[valid])
+    totals["reward"].append(reward)
+    totals["accuracy"].append(correct)
     totals["length"].append(lengths[valid])
   return {f"eval/{k}": float(np.mean(np.concatenate(v))) for k, v in totals.items()}

@@ -21,7 +21,8 @@ from m1jax import config as model_config
 from m1jax.rl import losses, rewards
 
 MODES = ("sft", "rl", "sft_rl")
-TASKS = ("arithmetic", "countdown", "jsonl")
+TASKS = ("arithmetic", "countdown", "jsonl", "code", "code_jsonl")
+CODE_TASKS = ("code", "code_jsonl")  # scored by running programs (config.code)
 ADVANTAGES = ("grpo", "dr_grpo", "rloo", "batch_std")
 OLD_LOGPROBS = ("sampler", "recompute")
 SCHEDULES = ("constant", "cosine")
@@ -47,6 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
   # when the data set is read, instead of stopping there with an error naming them.
   c.task.drop_long = False
   c.reward = ml_collections.ConfigDict(dict(task=1.0, format=0.0))  # weighted reward components
+  c.code = code_config()
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))  # -1: the rest
   c.sft = ml_collections.ConfigDict(dict(
       steps=200, batch_size=64, max_len=64, log_every=10, eval_every=0))
@@ -90,6 +92,36 @@ def base_config() -> ml_collections.ConfigDict:
   c.tensorboard = True
   c.progress = True  # tqdm progress bar
   return c
+
+
+def code_config() -> ml_collections.ConfigDict:
+  """The code reward's sandbox (m1jax.rl.rewards.code; docs/code_reward.md)."""
+  return ml_collections.ConfigDict(dict(
+      time_limit_s=2.0,  # wall and CPU seconds for all of one program's tests (a problem's
+                         # "time_limit_s" overrides it)
+      memory_mb=256,  # address space of the program's process (RLIMIT_AS)
+      max_processes=8,  # RLIMIT_NPROC of the sandbox's uid (threads count)
+      max_output_bytes=1 << 20,  # stdout + stderr; more ends the program (reason output_limit)
+      max_file_bytes=1 << 20,  # RLIMIT_FSIZE
+      max_dir_bytes=16 << 20,  # size of the program's directory (a tmpfs)
+      startup_grace_s=2.0,  # wall seconds for starting bwrap and Python (before the time limit)
+      workers=2,  # programs run concurrently
+      bwrap="bwrap",  # the bubblewrap executable
+      python_prefix="",  # the Python installation programs run with ("": this interpreter's)
+      partial_credit=False,  # reward = share of tests passed instead of all-or-nothing
+      # Runs model-generated code WITHOUT ANY ISOLATION (no namespaces, read-only filesystem or
+      # uid change) when bubblewrap is unavailable. Never for untrusted models.
+      unsafe_no_sandbox=False,
+  ))
+
+
+def _validate_code(cfg: ml_collections.ConfigDict, require) -> None:
+  c = cfg.code
+  for key in ("time_limit_s", "memory_mb", "max_processes", "max_output_bytes", "max_file_bytes",
+              "max_dir_bytes", "workers"):
+    require(c[key] > 0, f"code.{key}", "must be positive")
+  require(c.startup_grace_s >= 0, "code.startup_grace_s", "must be >= 0")
+  require(c.unsafe_no_sandbox or c.bwrap, "code.bwrap", "must name the bubblewrap executable")
 
 
 # ModelConfig (and KernelConfig) fields whose default is None, with the type a value must have.
@@ -185,8 +217,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 
   require(cfg.mode in MODES, "mode", f"must be one of {MODES}")
   require(cfg.task.name in TASKS, "task.name", f"must be one of {TASKS}")
-  require(cfg.task.name != "jsonl" or cfg.task.jsonl_path, "task.jsonl_path",
-          "required for task.name=jsonl")
+  require(cfg.task.name not in ("jsonl", "code_jsonl") or cfg.task.jsonl_path, "task.jsonl_path",
+          f"required for task.name={cfg.task.name}")
+  _validate_code(cfg, require)
   require(cfg.task.eval_size > 0, "task.eval_size", "must be positive")
   require(0 < cfg.task.eval_fraction < 1, "task.eval_fraction", "must be in (0, 1)")
   if not cfg.model.hf_dir:
@@ -323,7 +356,7 @@ def check_paths(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the key of the first input path of `cfg` that is missing or holds
   the wrong thing (the JSONL data, the HF checkpoint, the tokenizer, rl.init_from). Reads only
   small files; creates nothing."""
-  if cfg.task.name == "jsonl" and not os.path.isfile(cfg.task.jsonl_path):
+  if cfg.task.name in ("jsonl", "code_jsonl") and not os.path.isfile(cfg.task.jsonl_path):
     raise ValueError(f"config.task.jsonl_path={cfg.task.jsonl_path!r}: no such file")
   if cfg.model.hf_dir:
     hf_dir = cfg.model.hf_dir
