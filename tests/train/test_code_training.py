@@ -1,7 +1,6 @@
 """The code task in the training loop: its config block, the fail-closed start, and RL steps whose
 rewards come from programs run in the sandbox."""
 
-import importlib.util
 import json
 import os
 
@@ -14,22 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _micro(**changes):
-  spec = importlib.util.spec_from_file_location(
-      "micro_config", os.path.join(ROOT, "tests/train/micro_config.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.task.name = "code"
-  config.task.eval_size = 4
-  config.rl.max_prompt_len = 40
-  config.code.time_limit_s = 1.0
-  for path, value in changes.items():
-    *parents, leaf = path.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  code_task = {"task.name": "code", "task.eval_size": 4, "rl.max_prompt_len": 40,
+               "code.time_limit_s": 1.0}
+  return schema.load_config(os.path.join(ROOT, "tests/train/micro_config.py"),
+                            {**code_task, **changes})
 
 
 @pytest.mark.parametrize("change, message", [

@@ -2,7 +2,6 @@
 log-probs, rollout correction, routing replay and rollout lag, alone and together; what the
 sampler and the trainer receive under each; the config checks."""
 
-import importlib.util
 import json
 import math
 import os
@@ -35,15 +34,9 @@ def _set(config, changes):
 def _micro(**changes):
   """tests/train/micro_config.py with a dense reward (the share of digits in the response),
   so a random model gets a learning signal."""
-  spec = importlib.util.spec_from_file_location(
-      "micro_config", os.path.join(ROOT, "tests/train/micro_config.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.reward.task = 0.0
-  config.reward.mismatch_digit_share = 1.0
-  config.rl.steps = 3
-  return _set(config, changes)
+  dense = {"reward.task": 0.0, "reward.mismatch_digit_share": 1.0, "rl.steps": 3}
+  return schema.load_config(os.path.join(ROOT, "tests/train/micro_config.py"),
+                            {**dense, **changes})
 
 
 def _digit_share(text, example):

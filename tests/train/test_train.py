@@ -23,18 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _micro(**changes):
-  spec = importlib.util.spec_from_file_location(
-      "micro_config", os.path.join(ROOT, "tests/train/micro_config.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for path, value in changes.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return schema.load_config(os.path.join(ROOT, "tests/train/micro_config.py"), changes)
 
 
 def _digit_share(text, example):
