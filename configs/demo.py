@@ -10,16 +10,16 @@ start with --config.rl.loss.kind=grpo (or dapo, gspo).
 
 from configs import common
 
-# Measured 2026-12-01 with the versions of constraints.txt (Python 3.11, jax 0.10.2) on 2 CPU
+# Measured 2026-12-02 with the versions of constraints.txt (Python 3.11, jax 0.10.2) on 2 CPU
 # cores: the held-out accuracy (greedy, 256 prompts never trained on) after each stage for
-# config.seed 0..4, and the training's cost for seed 0 from a fresh clone: CPU time of the
-# process, and its wall time on cores shared with other work (load average 8-16).
+# config.seed 0..4, and the cost for seed 0 from a fresh clone (`time make demo`): CPU time, set-up
+# included, and the wall time of the same seeds on cores shared with other work (load average 8-12).
 EXPECTED = dict(
     seeds=(0, 1, 2, 3, 4),
-    sft_accuracy=(0.664, 0.645, 0.484, 0.695, 0.477),
-    rl_accuracy=(0.977, 0.941, 0.742, 0.863, 0.867),
-    cpu_minutes=8.4,
-    busy_wall_minutes=20,
+    sft_accuracy=(0.730, 0.598, 0.492, 0.441, 0.730),
+    rl_accuracy=(0.949, 0.781, 0.867, 0.777, 0.918),
+    cpu_minutes=10.6,
+    busy_wall_minutes=30,
 )
 
 
