@@ -38,11 +38,7 @@ def main(argv):
     for workers in (int(w) for w in _WORKERS.value):
       results.append(code_reward.time_mix(mix, _PROGRAMS.value, workers, settings))
       log(code_reward.table(results[-1:]))
-  reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "code_reward.csv"), results)
-  text = code_reward.table(results)
-  with open(os.path.join(_OUT_DIR.value, "code_reward.md"), "w") as f:
-    f.write(text + "\n")
-  log(text)
+  reporting.write_results(_OUT_DIR.value, "code_reward", results, code_reward.table(results), log)
 
 
 if __name__ == "__main__":

@@ -54,11 +54,7 @@ def main(argv):
         _NEW_TOKENS.value, mean_length=_MEAN_LENGTH.value, slots=slots,
         refill_rows=_REFILL_ROWS.value))
     log(rollout.table(results[-1:]))
-  reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "rollout.csv"), results)
-  text = rollout.table(results)
-  with open(os.path.join(_OUT_DIR.value, "rollout.md"), "w") as f:
-    f.write(text + "\n")
-  log(text)
+  reporting.write_results(_OUT_DIR.value, "rollout", results, rollout.table(results), log)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 import platform
 from typing import Callable, Sequence
 
@@ -13,7 +14,7 @@ import jax
 from m1jax.analysis.tables import markdown_table, write_csv
 
 __all__ = ["PEAK_BF16_FLOPS", "HBM_BYTES_PER_S", "markdown_table", "write_csv", "tee", "versions",
-           "write_dataclass_csv"]
+           "write_dataclass_csv", "write_results"]
 
 # One H200, measured with the benchmarks here (docs/benchmarks.md): dense bf16 matmul rate and
 # device-to-device copy rate.
@@ -50,3 +51,12 @@ def write_dataclass_csv(path: str, rows: Sequence) -> None:
   """Rows of one dataclass type as CSV, one column per field."""
   fields = [f.name for f in dataclasses.fields(rows[0])]
   write_csv(path, fields, [[getattr(r, name) for name in fields] for r in rows])
+
+
+def write_results(out_dir: str, name: str, rows: Sequence, table: str, log) -> None:
+  """A benchmark's end: `rows` (dataclasses) to <out_dir>/<name>.csv, its markdown `table` to
+  <name>.md and to `log`."""
+  write_dataclass_csv(os.path.join(out_dir, f"{name}.csv"), rows)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(table + "\n")
+  log(table)
