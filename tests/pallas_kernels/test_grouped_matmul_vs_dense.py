@@ -73,12 +73,16 @@ def test_aligned_rows_start_every_group_at_a_tile():
   np.testing.assert_array_equal(dest, [0, 1, 2, 8, 9, 10, 11, 12, 13, 14, 15, 16])
 
 
-def test_auto_is_xla_off_hopper_and_mosaic_says_why():
-  if is_hopper():
-    pytest.skip("on Hopper 'auto' picks Mosaic")
-  assert ops.resolve_impl("auto", (64, 128), (4, 128, 256), jnp.bfloat16) == "xla"
-  with pytest.raises(ValueError, match="compute capability 9"):
-    ops.resolve_impl("mosaic", (64, 128), (4, 128, 256), jnp.bfloat16)
+def test_auto_picks_mosaic_only_on_hopper_and_mosaic_says_why():
+  shapes = ((64, 128), (4, 128, 256))
+  expected = "mosaic" if is_hopper() else "xla"
+  assert ops.resolve_impl("auto", *shapes, jnp.bfloat16) == expected
+  assert ops.resolve_impl("auto", *shapes, jnp.float32) == "xla"  # 16-bit operands only
+  with pytest.raises(ValueError, match="16-bit operands"):
+    ops.resolve_impl("mosaic", *shapes, jnp.float32)
+  if not is_hopper():
+    with pytest.raises(ValueError, match="compute capability 9"):
+      ops.resolve_impl("mosaic", *shapes, jnp.bfloat16)
   with pytest.raises(ValueError, match="implementation 'cuda'"):
     ops.resolve_impl("cuda", (64, 128), (4, 128, 256), jnp.bfloat16)
 
