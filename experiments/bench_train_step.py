@@ -10,7 +10,6 @@ than 4096 tokens per sequence. Meshes are `axis=size,...` separated by `;` (axes
 tensor, expert). Writes train_step.csv, components.csv and train_step.md to --out_dir.
 """
 
-import ast
 import os
 
 from absl import app, flags
@@ -34,23 +33,13 @@ _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", reporting.PEAK_BF16_FLOPS / 1e1
 _OUT_DIR = flags.DEFINE_string("out_dir", "results/train_step", "CSV and table folder.")
 
 
-def _model_overrides() -> dict:
-  out = {}
-  for item in _OVERRIDES.value:
-    name, _, value = item.partition("=")
-    try:
-      out[name] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[name] = value  # a plain string
-  return out
-
-
 def main(argv):
   del argv
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   log = reporting.tee(os.path.join(_OUT_DIR.value, "train_step.log"))
   log(reporting.versions())
-  base = config.preset(_PRESET.value, dtype=_DTYPE.value, **_model_overrides())
+  base = config.preset(_PRESET.value, dtype=_DTYPE.value,
+                       **reporting.model_overrides(_OVERRIDES.value))
   params = model.init(base, jax.random.key(0))
   meshes = [dict((kv.split("=")[0], int(kv.split("=")[1])) for kv in mesh.split(","))
             for mesh in _MESHES.value.split(";") if mesh]

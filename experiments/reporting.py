@@ -3,6 +3,7 @@ the measured hardware ceilings that MFU and "% of the HBM floor" are relative to
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import datetime
 import os
@@ -14,7 +15,7 @@ import jax
 from m1jax.analysis.tables import markdown_table, write_csv
 
 __all__ = ["PEAK_BF16_FLOPS", "HBM_BYTES_PER_S", "markdown_table", "write_csv", "tee", "versions",
-           "write_dataclass_csv", "write_results"]
+           "write_dataclass_csv", "write_results", "model_overrides"]
 
 # One H200, measured with the benchmarks here (docs/benchmarks.md): dense bf16 matmul rate and
 # device-to-device copy rate.
@@ -60,3 +61,22 @@ def write_results(out_dir: str, name: str, rows: Sequence, table: str, log) -> N
   with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write(table + "\n")
   log(table)
+
+
+def model_overrides(items: Sequence[str]) -> dict:
+  """ModelConfig fields from "name=value" strings (values as Python literals, else strings):
+  ["moe_gemm_impl=xla", "head_chunk_tokens=2048"] -> {"moe_gemm_impl": "xla", ...}. A name that
+  is no ModelConfig field raises ValueError naming it."""
+  from m1jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  out = {}
+  for item in items:
+    name, has_value, value = item.strip().partition("=")
+    if not has_value or name not in fields:
+      raise ValueError(f"model override {item!r}: expected name=value with name a ModelConfig "
+                       f"field ({', '.join(sorted(fields))})")
+    try:
+      out[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[name] = value  # a plain string
+  return out

@@ -4,14 +4,18 @@ Left: forward time per token (us) against sequence length T of one attention lay
 D = 128, bf16, B * T fixed): lightning attention (ours: the Pallas kernel; fla's Triton kernel)
 against causal softmax attention (cuDNN flash attention), from experiments/bench_lightning.py.
 Right: decode step time (ms) against context length for the hybrid model (7 lightning : 1 softmax)
-and its all-softmax twin, from experiments/bench_generate.py, with the fitted slope of each.
+and its all-softmax twin, with the fitted slope of each: from experiments/bench_generate.py (a
+cache filled with random values) and, with --long_context_csv, from
+experiments/bench_long_context.py (decoding after a real prefill of the context, squares); either
+input may be left out (--generate_csv=''), not both.
 
 Writes --out_png and, beside it, a markdown table of the plotted points (same name, .md).
 
   python -m experiments.figures.cost_vs_context \
       --kernel_csv=results/lightning/lightning_bench.csv \
       --generate_csv=results/bench_generate/bench_generate.csv \
-      --out_png=results/cost_vs_context/cost_vs_context.png
+      --out_png=results/cost_vs_context/cost_vs_context.png \
+      --long_context_csv=results/long_context/long_context.csv
 """
 
 import csv
@@ -33,6 +37,8 @@ _KERNEL_CSV = flags.DEFINE_string("kernel_csv", "results/lightning/lightning_ben
                                   "lightning_bench.csv of experiments/bench_lightning.py.")
 _GENERATE_CSV = flags.DEFINE_string("generate_csv", "results/bench_generate/bench_generate.csv",
                                     "bench_generate.csv of experiments/bench_generate.py.")
+_LONG_CONTEXT_CSV = flags.DEFINE_string(
+    "long_context_csv", "", "long_context.csv of experiments/bench_long_context.py (optional).")
 _OUT_PNG = flags.DEFINE_string("out_png", "results/cost_vs_context/cost_vs_context.png",
                                "Output figure (a .md table of the points is written beside it).")
 _HEADS = flags.DEFINE_integer("heads", 0, "Kernel rows with this many heads (0: the head count "
@@ -45,6 +51,14 @@ _PRODUCERS = {
                    "(`python -m experiments.bench_lightning --out_dir=results/lightning`)"),
     "generate_csv": ("experiments/bench_generate.py "
                      "(`python -m experiments.bench_generate --out_dir=results/bench_generate`)"),
+    "long_context_csv": ("experiments/bench_long_context.py (`python -m "
+                         "experiments.bench_long_context --out_dir=results/long_context`)"),
+}
+# Decode step inputs: flag -> (table title, legend suffix, marker).
+_DECODE_SOURCES = {
+    "generate_csv": ("Decode step against context", "", "o"),
+    "long_context_csv": ("Decode step against context after a real prefill (bench_long_context)",
+                         ", after a prefill", "s"),
 }
 # Kernel CSV impl -> (label, colour, line style); softmax dashed.
 _KERNEL_SERIES = {
@@ -54,6 +68,15 @@ _KERNEL_SERIES = {
 }
 _GENERATE_SERIES = {"hybrid": ("tab:red", "-"), "all_softmax": ("tab:blue", "--")}
 _CASTS = {"int": int, "float": float, "str": str}
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePoint:
+  """The decode columns both decode benchmarks' CSVs have (ms_per_step: one decode step)."""
+  model: str
+  context: int
+  batch: int
+  ms_per_step: float
 
 
 def read_rows(path: str, row_type, flag: str) -> list:
@@ -97,39 +120,45 @@ def kernel_series(rows, kind: str, heads: int) -> tuple[int, dict[str, list[tupl
   return heads, series
 
 
-def generate_series(rows) -> dict[tuple[str, int], list[tuple[int, float]]]:
+def generate_series(rows, flag: str) -> dict[tuple[str, int], list[tuple[int, float]]]:
   """{(model, batch): [(context, ms per decode step)]}; needs hybrid and all_softmax rows."""
   series = {}
   for r in rows:
     series.setdefault((r.model, r.batch), []).append((r.context, r.ms_per_step))
   models = {name for name, _ in series}
   if not {"hybrid", "all_softmax"} <= models:
-    raise ValueError(f"--generate_csv: needs rows of models 'hybrid' and 'all_softmax'; found "
+    raise ValueError(f"--{flag}: needs rows of models 'hybrid' and 'all_softmax'; found "
                      f"{sorted(models)}")
   return {key: sorted(points) for key, points in series.items()}
 
 
-def tables(kind, heads, kernel, decode, decode_rows) -> str:
+def _decode_table(series, rows) -> str:
+  """Context by (model, batch) of ms per decode step, and the fitted slope of each."""
+  contexts = sorted({c for points in series.values() for c, _ in points})
+  by_model = {key: dict(points) for key, points in series.items()}
+  return reporting.markdown_table(
+      ["context"] + [f"{name} batch {batch} (ms/step)" for name, batch in series],
+      [[c] + [f"{by_model[key][c]:.4g}" if c in by_model[key] else "-" for key in series]
+       for c in contexts]
+      + [["slope (ms per 1K context)"]
+         + [f"{benchmark.slope_ms_per_1k([r for r in rows if r.batch == batch], name):.4g}"
+            for name, batch in series]])
+
+
+def tables(kind, heads, kernel, decode) -> str:
+  """decode: {flag: (series, rows)} of the decode inputs given."""
   lengths = sorted({t for points in kernel.values() for t, _ in points})
   by_impl = {impl: dict(points) for impl, points in kernel.items()}
   kernel_table = reporting.markdown_table(
       ["T"] + [f"{_KERNEL_SERIES[impl][0]} (us/token)" for impl in kernel],
       [[t] + [f"{by_impl[impl][t]:.4g}" if t in by_impl[impl] else "-" for impl in kernel]
        for t in lengths])
-  contexts = sorted({c for points in decode.values() for c, _ in points})
-  by_model = {key: dict(points) for key, points in decode.items()}
-  decode_table = reporting.markdown_table(
-      ["context"] + [f"{name} batch {batch} (ms/step)" for name, batch in decode],
-      [[c] + [f"{by_model[key][c]:.4g}" if c in by_model[key] else "-" for key in decode]
-       for c in contexts]
-      + [["slope (ms per 1K context)"]
-         + [f"{benchmark.slope_ms_per_1k([r for r in decode_rows if r.batch == batch], name):.4g}"
-            for name, batch in decode]])
-  return (f"Attention kernel, {kind}, {heads} heads, time per token:\n\n{kernel_table}\n\n"
-          f"Decode step against context:\n\n{decode_table}")
+  return "\n\n".join([f"Attention kernel, {kind}, {heads} heads, time per token:\n\n{kernel_table}"]
+                     + [f"{_DECODE_SOURCES[flag][0]}:\n\n{_decode_table(series, rows)}"
+                        for flag, (series, rows) in decode.items()])
 
 
-def plot(kind, heads, kernel, decode, decode_rows, kernel_rows, path: str) -> None:
+def plot(kind, heads, kernel, decode, kernel_rows, path: str) -> None:
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
   for impl, points in kernel.items():
     label, color, style = _KERNEL_SERIES[impl]
@@ -140,11 +169,13 @@ def plot(kind, heads, kernel, decode, decode_rows, kernel_rows, path: str) -> No
            title=f"one attention layer, {kind}: H={heads}, D={shape.dim}, "
                  f"B*T={shape.batch * shape.seq_len}")
   left.set_xscale("log", base=2)
-  for (name, batch), points in decode.items():
-    color, style = _GENERATE_SERIES.get(name, ("tab:gray", ":"))
-    slope = benchmark.slope_ms_per_1k([r for r in decode_rows if r.batch == batch], name)
-    right.plot(*zip(*points), marker="o", color=color, linestyle=style,
-               label=f"{name}, batch {batch} ({slope:.3g} ms per 1K context)")
+  for flag, (series, rows) in decode.items():
+    _, suffix, marker = _DECODE_SOURCES[flag]
+    for (name, batch), points in series.items():
+      color, style = _GENERATE_SERIES.get(name, ("tab:gray", ":"))
+      slope = benchmark.slope_ms_per_1k([r for r in rows if r.batch == batch], name)
+      right.plot(*zip(*points), marker=marker, color=color, linestyle=style,
+                 label=f"{name}, batch {batch}{suffix} ({slope:.3g} ms per 1K context)")
   right.set(xlabel="context length (tokens)", ylabel="decode step (ms)",
             title="whole model, one decode step")
   right.set_xscale("log", base=2)
@@ -161,12 +192,19 @@ def plot(kind, heads, kernel, decode, decode_rows, kernel_rows, path: str) -> No
 
 def main(argv):
   del argv
+  paths = {"generate_csv": _GENERATE_CSV.value, "long_context_csv": _LONG_CONTEXT_CSV.value}
+  if not any(paths.values()):
+    raise ValueError("--generate_csv and --long_context_csv are both empty: the right panel "
+                     "needs one of them")
   kernel_rows = read_rows(_KERNEL_CSV.value, lightning_bench.Row, "kernel_csv")
-  decode_rows = read_rows(_GENERATE_CSV.value, benchmark.DecodeTiming, "generate_csv")
+  decode = {}
+  for flag, path in paths.items():
+    if path:
+      rows = read_rows(path, DecodePoint, flag)
+      decode[flag] = (generate_series(rows, flag), rows)
   heads, kernel = kernel_series(kernel_rows, _KERNEL_KIND.value, _HEADS.value)
-  decode = generate_series(decode_rows)
-  plot(_KERNEL_KIND.value, heads, kernel, decode, decode_rows, kernel_rows, _OUT_PNG.value)
-  text = tables(_KERNEL_KIND.value, heads, kernel, decode, decode_rows)
+  plot(_KERNEL_KIND.value, heads, kernel, decode, kernel_rows, _OUT_PNG.value)
+  text = tables(_KERNEL_KIND.value, heads, kernel, decode)
   with open(os.path.splitext(_OUT_PNG.value)[0] + ".md", "w") as f:
     f.write(text + "\n")
   print(text)

@@ -470,12 +470,12 @@ def _pack_prompts(prompts: Sequence[Sequence[int]], pad_multiple: int, pad_id: i
 
 def _on_host(x) -> np.ndarray | None:
   """x as a numpy array; None when it is traced or spans other hosts (then it is not checked)."""
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return None
   try:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return None
     return np.asarray(x)
-  except jax.errors.TracerArrayConversionError:
-    return None
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return None  # traced: is_fully_addressable or the conversion raise
 
 
 def generate(cfg: ModelConfig, params, prompts, config: GenerateConfig | None = None, *,

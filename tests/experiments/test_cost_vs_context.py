@@ -1,5 +1,6 @@
 """End-to-end tests of experiments/figures/cost_vs_context.py on small synthetic benchmark CSVs
-(the columns experiments/bench_lightning.py and experiments/bench_generate.py write)."""
+(the columns experiments/bench_lightning.py, experiments/bench_generate.py and
+experiments/bench_long_context.py write)."""
 
 import os
 import pathlib
@@ -29,6 +30,15 @@ hybrid,1024,8,5.0,1600,10,1.0
 all_softmax,1024,8,5.5,1450,20,1.0
 hybrid,3072,8,5.1,1570,12,1.0
 all_softmax,3072,8,6.5,1230,60,1.0
+"""
+
+LONG_CONTEXT_CSV = """\
+model,context,batch,new_tokens,prefill_s,ms_per_step,total_s,prefill_compile_s,compile_s,\
+xla_estimate_gib,device_peak_gib,device_peak_here,kv_cache_gib,lightning_state_mib
+hybrid,8192,1,1024,0.2,3.0,3.3,20,25,5.0,6.0,True,0.03,7.0
+all_softmax,8192,1,1024,0.3,4.0,4.4,18,22,5.5,6.5,True,0.25,0.0
+hybrid,32768,1,1024,0.8,3.3,4.2,20,25,6.0,7.0,True,0.13,7.0
+all_softmax,32768,1,1024,1.5,7.0,8.7,18,22,8.0,9.0,True,1.0,0.0
 """
 
 
@@ -87,3 +97,27 @@ def test_missing_or_malformed_inputs_name_the_file_and_its_producer(tmp_path):
   assert result.returncode != 0
   assert "--generate_csv" in result.stderr and "'ms_per_step'" in result.stderr
   assert "experiments/bench_generate.py" in result.stderr
+
+
+def test_long_context_csv_joins_or_replaces_the_bench_generate_series(tmp_path):
+  kernel_csv, generate_csv = _write_inputs(tmp_path)
+  long_csv = tmp_path / "long_context.csv"
+  long_csv.write_text(LONG_CONTEXT_CSV)
+  result, out_png = _run(tmp_path, kernel_csv, generate_csv, f"--long_context_csv={long_csv}")
+  assert result.returncode == 0, result.stderr
+  table = out_png.with_suffix(".md").read_text()
+  # Both decode tables: bench_generate's as before, then the long-context one. Slopes per 1K:
+  # hybrid (3.3 - 3.0) / 24 = 0.0125, all-softmax (7 - 4) / 24 = 0.125.
+  assert "| slope (ms per 1K context) | 0.05 | 0.5 |" in table
+  long_table = table.split("after a real prefill (bench_long_context):")[1]
+  assert "| context | hybrid batch 1 (ms/step) | all_softmax batch 1 (ms/step) |" in long_table
+  assert "| 8192 | 3 | 4 |" in long_table and "| 32768 | 3.3 | 7 |" in long_table
+  assert "| slope (ms per 1K context) | 0.0125 | 0.125 |" in long_table
+
+  result, out_png = _run(tmp_path, kernel_csv, "", f"--long_context_csv={long_csv}")
+  assert result.returncode == 0, result.stderr
+  table = out_png.with_suffix(".md").read_text()
+  assert "| 1024 |" not in table and "| 8192 | 3 | 4 |" in table
+  result, _ = _run(tmp_path, kernel_csv, "")
+  assert result.returncode != 0
+  assert "--generate_csv and --long_context_csv are both empty" in result.stderr

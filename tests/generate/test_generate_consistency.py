@@ -120,6 +120,16 @@ def test_array_prompts_left_or_right_padded_equal_token_lists():
   np.testing.assert_array_equal(left.tokens, batched.tokens)
 
 
+def test_generate_inside_jit_equals_the_plain_call():
+  # Traced prompts, mask and key skip the host-side checks; the program is the same one.
+  cfg, params = _model("float32")
+  batched = _batched("float32")
+  inside = jax.jit(lambda p, t, m, k: generate.generate(cfg, p, t, GEN, prompt_mask=m, key=k))(
+      params, batched.prompt_tokens, batched.prompt_mask, KEY)
+  np.testing.assert_array_equal(inside.tokens, batched.tokens)
+  np.testing.assert_array_equal(inside.logprobs, batched.logprobs)
+
+
 def test_seeds_reproduce_and_differ():
   cfg, params = _model("float32")
   batched = _batched("float32")
