@@ -8,6 +8,8 @@ import dataclasses
 import datetime
 import os
 import platform
+import statistics
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -15,7 +17,7 @@ import jax
 from m1jax.analysis.tables import markdown_table, write_csv
 
 __all__ = ["PEAK_BF16_FLOPS", "HBM_BYTES_PER_S", "markdown_table", "write_csv", "tee", "versions",
-           "write_dataclass_csv", "write_results", "model_overrides"]
+           "write_dataclass_csv", "write_results", "model_overrides", "median_call"]
 
 # One H200, measured with the benchmarks here (docs/benchmarks.md): dense bf16 matmul rate and
 # device-to-device copy rate.
@@ -46,6 +48,18 @@ def versions(*extra: str) -> str:
       parts.append(f"{name} absent")
   return (f"date {datetime.date.today()}; device {jax.devices()[0].device_kind}; "
           + ", ".join(parts))
+
+
+def median_call(fn: Callable[[], object], reps: int) -> tuple[object, float]:
+  """(output of the last call, median wall seconds of `reps` calls of fn after one untimed
+  call); each call waits for its device work (jax.block_until_ready)."""
+  out = jax.block_until_ready(fn())
+  seconds = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    seconds.append(time.perf_counter() - start)
+  return out, statistics.median(seconds)
 
 
 def write_dataclass_csv(path: str, rows: Sequence) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import statistics
 import time
 from typing import Any, Callable, Sequence
 
@@ -123,17 +122,6 @@ def free_device_memory() -> None:
   jax.clear_caches()
 
 
-def _median_call(compiled, args, reps: int):
-  """(output of the last call, median seconds of `reps` calls after one untimed call)."""
-  out = jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return out, statistics.median(times)
-
-
 def time_point(name: str, cfg: ModelConfig, params, batch: int, context: int, new_tokens: int,
                reps: int = 3, seed: int = 0) -> tuple[LongContextTiming, np.ndarray]:
   """Times one (model, context) point (see the module doc) -> (timing, tokens [B, N] of the
@@ -143,10 +131,10 @@ def time_point(name: str, cfg: ModelConfig, params, batch: int, context: int, ne
   args = (params, random_prompts(cfg, batch, context, seed), jax.random.key(seed))
   peak_before = device_peak_bytes()
   first, prefill_compile_s = compile_generate(cfg, generate_config(1), *args)
-  _, prefill_s = _median_call(first, args, reps)
+  _, prefill_s = reporting.median_call(lambda: first(*args), reps)
   del first
   full, compile_s = compile_generate(cfg, generate_config(new_tokens), *args)
-  out, total_s = _median_call(full, args, reps)
+  out, total_s = reporting.median_call(lambda: full(*args), reps)
   tokens = np.asarray(out.tokens)
   estimate = xla_estimate_bytes(full)
   del full, out

@@ -9,8 +9,6 @@ states read and written, and the softmax KV cache read up to the context.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -65,15 +63,9 @@ def time_generate(cfg: ModelConfig, params, rows: int, prompt_len: int, new_toke
       max_new_tokens=new_tokens, repetition_window=0, slots=slots, refill_rows=refill_rows,
       eos_token_ids=() if mean_length is None else _eos_ids(cfg, mean_length),
       sampling=generate.SamplingConfig(1.0))
-  run = lambda i: jax.block_until_ready(
-      generate.generate(cfg, params, prompts, gen, key=jax.random.key(i)))
-  out = run(0)
-  samples = []
-  for i in range(reps):
-    start = time.perf_counter()
-    out = run(0)  # the same key: the same lengths, so the runs do the same work
-    samples.append(time.perf_counter() - start)
-  seconds = statistics.median(samples)
+  # The same key every call: the same lengths, so the calls do the same work.
+  out, seconds = reporting.median_call(
+      lambda: generate.generate(cfg, params, prompts, gen, key=jax.random.key(0)), reps)
   generated = int(np.sum(np.asarray(out.lengths)))
   steps = int(out.slot_steps) // (slots or rows)
   floor = decode_floor_bytes(cfg, slots or rows, prompt_len + new_tokens // 2)
