@@ -30,6 +30,12 @@ MOE_IMPLS = ("ragged", "dense")
 MOE_GEMM_IMPLS = GROUPED_MATMUL_IMPLS
 REMAT_POLICIES = ("none", "full", "dots_saveable")
 SLOPE_CONVENTIONS = ("original", "transformers")
+# How a float32 LM head multiplies (lm_head_precision): "highest" is true float32 arithmetic;
+# the others are XLA dot algorithms that run float32 operands on the bf16 (or tf32) tensor cores
+# in 3 or 6 passes (a split of each operand into bf16 or tf32 parts), accumulating in float32.
+# (XLA's 9-pass bf16 algorithm is left out: on an H200, jax 0.11.2, its error against float64
+# was 2.9e-4, worse than 3 passes; docs/benchmarks.md.)
+LM_HEAD_PRECISIONS = ("highest", "bf16_3x", "bf16_6x", "tf32_3x")
 
 # Keys in HF config.json files that carry no model math (bookkeeping, generation defaults).
 _HF_BOOKKEEPING_KEYS = frozenset({
@@ -100,6 +106,8 @@ class ModelConfig:
   param_dtype: str = "float32"
   # LM head matmul + logits; shared by sampler and trainer (paper 3.2).
   lm_head_dtype: str = "float32"
+  # The float32 head's matmul algorithm (LM_HEAD_PRECISIONS); shared by sampler and trainer.
+  lm_head_precision: str = "highest"
   # Training computes the LM head + log-probs over chunks of this many tokens (memory O(chunk V)).
   head_chunk_tokens: int = 1024
   # True rotates the whole head, as transformers does (ignores rotary_dim).
@@ -114,6 +122,10 @@ class ModelConfig:
   moe_impl: str = "ragged"
   # The dropless grouped GEMM: auto (Mosaic GPU kernels on Hopper, XLA elsewhere), mosaic, xla.
   moe_gemm_impl: str = "auto"
+  # The gate and up projections run as one grouped matmul on [w1 | w3] when the routed rows
+  # (tokens x top-k) number at least this; fewer rows (decode steps) multiply w1 and w3 apart,
+  # so a step does not copy the two weights into one (the GEMMs read the same bytes either way).
+  moe_fuse_gate_up_rows: int = 4096
   # None: dropless. Else capacity = cf * tokens * k / E per expert.
   moe_capacity_factor: float | None = None
   remat_policy: str = "none"
@@ -131,7 +143,7 @@ class ModelConfig:
     for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
                   "num_experts_per_tok", "block_size", "rotary_dim", "max_position_embeddings",
-                  "head_chunk_tokens"):
+                  "head_chunk_tokens", "moe_fuse_gate_up_rows"):
       value = getattr(self, field)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         fail(field, "must be a positive integer")
@@ -169,6 +181,7 @@ class ModelConfig:
     for field, allowed in (("lightning_impl", LIGHTNING_IMPLS), ("attention_impl", ATTENTION_IMPLS),
                            ("moe_impl", MOE_IMPLS), ("moe_gemm_impl", MOE_GEMM_IMPLS),
                            ("remat_policy", REMAT_POLICIES),
+                           ("lm_head_precision", LM_HEAD_PRECISIONS),
                            ("slope_convention", SLOPE_CONVENTIONS)):
       if getattr(self, field) not in allowed:
         fail(field, f"must be one of {allowed}")

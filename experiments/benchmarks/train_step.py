@@ -69,7 +69,7 @@ def rollout_batch(cfg: ModelConfig, rows: int, prompt_len: int, response_len: in
       ref_logprobs=None)
 
 
-def _optimizer():
+def make_optimizer():
   opt_cfg = schema.base_config().rl.optimizer
   opt_cfg.learning_rate = 1e-6
   return optimizer_lib.make_optimizer(opt_cfg, 100)
@@ -89,7 +89,7 @@ def time_step(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], de
   """Compiles rl_update for `mesh_shape` over `devices` (timed), runs it once from the common
   starting state, then times `steps` steps (median)."""
   mesh = sharding.make_mesh(dict(mesh_shape), devices)
-  optimizer = _optimizer()
+  optimizer = make_optimizer()
   shardings = state_lib.state_shardings(cfg, optimizer, mesh)
   with sharding.activate(mesh):
     state = jax.jit(lambda p: state_lib.create(p, optimizer), out_shardings=shardings)(params)
@@ -250,7 +250,7 @@ def component_times(cfg: ModelConfig, params, rows: int, seq_len: int,
     out.append(Component(name, 1 if head_dtype == cfg.lm_head_dtype else 0,
                          _time(head, head_in, params["lm_head"])))
 
-  optimizer = _optimizer()
+  optimizer = make_optimizer()
   opt_state = optimizer.init(params)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 

@@ -215,6 +215,7 @@ def _stop_rules(cfg: ModelConfig, gen: GenerateConfig) -> dict[str, Any]:
               repetition_prob=gen.repetition_prob)
 
 
+@jax.named_scope("sample")
 def _sample_step(gen: GenerateConfig, logits, row_keys, steps, active):
   """Token `steps` of every row: (token [B], logprob [B]), pad_id / 0 on inactive rows."""
   step_keys = jax.vmap(jax.random.fold_in)(row_keys, steps)
@@ -224,6 +225,7 @@ def _sample_step(gen: GenerateConfig, logits, row_keys, steps, active):
   return jnp.where(active, token, gen.pad_id), jnp.where(active, logprob, 0.0)
 
 
+@jax.named_scope("prefill")
 def _prefill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, length: int):
   """Prefill of left-aligned prompts [B, P] into a fresh cache of `length` slots -> (logits of
   the last position [B, V], the cache after the prompt)."""
@@ -261,6 +263,7 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
         finish_reasons=jnp.where(finishing, reason, state.finish_reasons),
         done=state.done | finishing, run=run)
 
+  @jax.named_scope("decode")
   def decode(state: _LoopState) -> _LoopState:
     """Feeds the last sampled token (step - 1) and samples the next one."""
     last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [B, 1]
@@ -368,6 +371,7 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
         run=state.run.at[slot].set(run, mode="drop"),
         active=state.active.at[slot].set(~finishing, mode="drop"))
 
+  @jax.named_scope("refill")
   def fill(state: _RefillState, count: int) -> _RefillState:
     """Prefills up to `count` pending prompts into free slots (the first ones) and samples
     their first tokens."""
@@ -397,6 +401,7 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
         run=state.run.at[rows_ok].set(0, mode="drop"))
     return record(state, logits, rows_ok, who)
 
+  @jax.named_scope("decode")
   def decode(state: _RefillState) -> _RefillState:
     """Feeds every active slot's last token and samples its next one."""
     active = state.active

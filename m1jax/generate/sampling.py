@@ -117,6 +117,7 @@ def head_token_logprobs(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array,
           (batch, -1, steps) + x.shape[2:]), 1, 0)  # [n, B, steps, ...]
 
   @jax.checkpoint
+  @jax.named_scope("lm_head")
   def one_chunk(args):
     h, t = args
     logits = model_lib.lm_head_logits(cfg, h, lm_head)

@@ -138,7 +138,8 @@ def compute_params(cfg: ModelConfig, params) -> dict[str, Any]:
     if names[-1] == "router":
       return leaf
     return leaf.astype(cfg.jnp_lm_head_dtype if names[-1] == "lm_head" else cfg.jnp_dtype)
-  return jax.tree_util.tree_map_with_path(cast, params)
+  with jax.named_scope("compute_params"):
+    return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def layer_params(cfg: ModelConfig, params, layer: int) -> dict[str, Any]:

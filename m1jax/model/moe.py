@@ -49,40 +49,53 @@ def route(x: jax.Array, router: jax.Array, top_k: int, replay: RoutingReplay | N
   x [N, E]; router [E, X]; replay: optional RoutingReplay with experts [N, k] and mask [N]
   -> probs [N, X] f32, weights [N, k] f32, experts [N, k] int32.
   """
-  logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
-                   precision=jax.lax.Precision.HIGHEST)
-  probs = jax.nn.softmax(logits, axis=-1)
-  weights, experts = jax.lax.top_k(probs, top_k)
-  if replay is not None:
-    experts = jnp.where(replay.mask[:, None], replay.experts.astype(jnp.int32), experts)
-    weights = jnp.take_along_axis(probs, experts, axis=-1)
-  return probs, weights / jnp.sum(weights, axis=-1, keepdims=True), experts
+  with jax.named_scope("router"):
+    logits = jnp.dot(x.astype(jnp.float32), router.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if replay is not None:
+      experts = jnp.where(replay.mask[:, None], replay.experts.astype(jnp.int32), experts)
+      weights = jnp.take_along_axis(probs, experts, axis=-1)
+    return probs, weights / jnp.sum(weights, axis=-1, keepdims=True), experts
 
 
-def _swiglu_grouped(xs, w1, w3, w2, group_sizes, dtype, gemm_impl: str):
-  """Grouped SwiGLU on rows sorted by expert: xs [M, E] -> [M, E]. The gate and up projections
-  run as one grouped matmul on [w1 | w3]."""
+def _swiglu_grouped(xs, w1, w3, w2, group_sizes, dtype, gemm_impl: str, fuse_rows: int):
+  """Grouped SwiGLU on rows sorted by expert: xs [M, E] -> [M, E]. With M >= fuse_rows the gate
+  and up projections run as one grouped matmul on [w1 | w3]; else as two, on w1 and w3 as they
+  are (no copy of the weights into one array)."""
   inter = w1.shape[-1]
-  w13 = jnp.concatenate([w1.astype(dtype), w3.astype(dtype)], axis=-1)  # [X, E, 2I]
-  gate_up = grouped_matmul(xs.astype(dtype), w13, group_sizes, impl=gemm_impl)
-  hidden = jax.nn.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-  return grouped_matmul(hidden, w2, group_sizes, impl=gemm_impl)
+  xs = xs.astype(dtype)
+  if xs.shape[0] >= fuse_rows:
+    w13 = jnp.concatenate([w1.astype(dtype), w3.astype(dtype)], axis=-1)  # [X, E, 2I]
+    gate_up = grouped_matmul(xs, w13, group_sizes, impl=gemm_impl)
+    gate, up = gate_up[:, :inter], gate_up[:, inter:]
+  else:
+    gate = grouped_matmul(xs, w1, group_sizes, impl=gemm_impl)
+    up = grouped_matmul(xs, w3, group_sizes, impl=gemm_impl)
+  return grouped_matmul(jax.nn.silu(gate) * up, w2, group_sizes, impl=gemm_impl)
 
 
-def experts_dropless(x, weights, experts, w1, w3, w2, dtype, gemm_impl: str = "auto"):
+def experts_dropless(x, weights, experts, w1, w3, w2, dtype, gemm_impl: str = "auto",
+                     fuse_rows: int = 0):
   """Every assignment computed: sort by expert, grouped GEMMs (pallas_kernels.grouped_matmul:
   Mosaic GPU kernels on Hopper, lax.ragged_dot elsewhere), unsort, combine.
 
   x [N, E]; weights [N, k] f32; experts [N, k] int32; w1/w3 [X, E, I]; w2 [X, I, E] -> [N, E].
+  fuse_rows: the gate and up projections are one grouped matmul from N * k >= fuse_rows rows.
   """
   n, k = experts.shape
-  flat = experts.reshape(-1)
-  order = jnp.argsort(flat, stable=True)  # sorted row -> assignment (token * k + choice)
-  sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-  y = _swiglu_grouped(x[order // k], w1, w3, w2, sizes, dtype, gemm_impl)
-  rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-  y = y[rank].reshape(n, k, -1)  # back in assignment order
-  return jnp.einsum("nke,nk->ne", y.astype(jnp.float32), weights).astype(dtype)
+  with jax.named_scope("dispatch"):
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # sorted row -> assignment (token * k + choice)
+    sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
+    xs = x[order // k]
+  with jax.named_scope("experts"):
+    y = _swiglu_grouped(xs, w1, w3, w2, sizes, dtype, gemm_impl, fuse_rows)
+  with jax.named_scope("combine"):
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    y = y[rank].reshape(n, k, -1)  # back in assignment order
+    return jnp.einsum("nke,nk->ne", y.astype(jnp.float32), weights).astype(dtype)
 
 
 def experts_capacity(x, weights, experts, w1, w3, w2, dtype, capacity_factor: float):
@@ -151,7 +164,8 @@ class MoE(nn.Module):
       out, dropped = experts_capacity(x, weights, experts, w1, w3, w2, dtype,
                                       cfg.moe_capacity_factor)
     else:
-      out = experts_dropless(x, weights, experts, w1, w3, w2, dtype, cfg.moe_gemm_impl)
+      out = experts_dropless(x, weights, experts, w1, w3, w2, dtype, cfg.moe_gemm_impl,
+                             cfg.moe_fuse_gate_up_rows)
 
     valid = (jnp.ones((b * t,), jnp.float32) if token_mask is None
              else token_mask.reshape(-1).astype(jnp.float32))

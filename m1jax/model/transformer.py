@@ -202,11 +202,22 @@ class Transformer(nn.Module):
     return out
 
 
+_HEAD_ALGORITHMS = {
+    "bf16_3x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+    "bf16_6x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+    "tf32_3x": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3,
+}
+
+
 def lm_head_logits(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
-  """hidden [..., E] @ lm_head [E, V] in cfg.lm_head_dtype (fp32 option: paper section 3.2)."""
+  """hidden [..., E] @ lm_head [E, V] in cfg.lm_head_dtype (fp32 option: paper section 3.2);
+  a float32 head multiplies by cfg.lm_head_precision (true float32, no TF32, by default)."""
   head_dtype = cfg.jnp_lm_head_dtype
-  precision = jax.lax.Precision.HIGHEST if head_dtype == jnp.float32 else None  # no TF32 on GPU
-  logits = jnp.einsum("...e,ev->...v", hidden.astype(head_dtype), lm_head.astype(head_dtype),
-                      preferred_element_type=jnp.float32, precision=precision)
-  return common.constrain(logits.astype(head_dtype),
-                          (common.BATCH, common.LENGTH, "activation_vocab"))
+  precision = None
+  if head_dtype == jnp.float32:
+    precision = _HEAD_ALGORITHMS.get(cfg.lm_head_precision, jax.lax.Precision.HIGHEST)
+  with jax.named_scope("lm_head"):
+    logits = jnp.einsum("...e,ev->...v", hidden.astype(head_dtype), lm_head.astype(head_dtype),
+                        preferred_element_type=jnp.float32, precision=precision)
+    return common.constrain(logits.astype(head_dtype),
+                            (common.BATCH, common.LENGTH, "activation_vocab"))

@@ -31,12 +31,13 @@ def apply_gradients(optimizer: optax.GradientTransformation, state: TrainState, 
   """The optimizer step every train step ends with: updates `state` by `grads` and adds
   grad_norm (before clipping), skipped (1 when optax.apply_if_finite skipped the update) and,
   for an injectable optimizer, the learning_rate and grad_clip the update used."""
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
-                 skipped=(opt_state.notfinite_count > 0).astype(jnp.float32),
-                 **optimizer_lib.hyperparams(opt_state))
-  return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                    opt_state=opt_state), metrics
+  with jax.named_scope("optimizer"):
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads),
+                   skipped=(opt_state.notfinite_count > 0).astype(jnp.float32),
+                   **optimizer_lib.hyperparams(opt_state))
+    return TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                      opt_state=opt_state), metrics
 
 
 def state_shardings(cfg: ModelConfig, optimizer: optax.GradientTransformation, mesh) -> TrainState:

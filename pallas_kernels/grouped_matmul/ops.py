@@ -79,7 +79,10 @@ def _spread(x, source):
 def _fwd(lhs, rhs, group_sizes, kernels, block):
   rows = lhs.shape[0]
   padded, dest = aligned_rows(group_sizes, rows, block)
-  source = jnp.full((rows + group_sizes.shape[0] * block,), rows, jnp.int32).at[dest].set(
+  # Room for every group's start rounded up, as a whole number of tiles (the kernels' TMA
+  # copies take no partial tile: 2 rows + 16 x 128 would be rejected).
+  layout_rows = -(-(rows + group_sizes.shape[0] * block) // block) * block
+  source = jnp.full((layout_rows,), rows, jnp.int32).at[dest].set(
       jnp.arange(rows, dtype=jnp.int32))
   lhs_p = _spread(lhs, source)
   out = kernels.forward(lhs_p, rhs, padded)[dest]  # rows of no group are never read

@@ -64,6 +64,22 @@ def test_dropless_equals_dense_reference_values_and_gradients():
     assert _rel(a, b) <= TOL
 
 
+def test_gate_and_up_fused_or_apart_are_equal():
+  """[w1 | w3] as one grouped matmul (many rows) and w1, w3 as two (decode-sized rows) give
+  the same values and gradients: each output element is the same dot product."""
+  h, weights, experts, w1, w3, w2 = _experts(3)
+
+  def run(fuse_rows, h, w1, w3, w2):
+    return moe.experts_dropless(h, weights, experts, w1, w3, w2, jnp.float32,
+                                fuse_rows=fuse_rows)
+
+  cot = jax.random.normal(jax.random.key(6), h.shape)
+  fused, apart = (jax.value_and_grad(lambda *a, r=r: jnp.sum(run(r, *a) * cot),
+                                     argnums=(0, 1, 2, 3))(h, w1, w3, w2) for r in (0, 10**9))
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(apart)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_capacity_factor_drops_only_when_capacity_is_short():
   h, weights, experts, w1, w3, w2 = _experts(2)
   dense = moe.experts_dense(h, weights, experts, w1, w3, w2, jnp.float32)
@@ -253,3 +269,42 @@ def test_gpu_cudnn_packed_attention_equals_xla_masked():
     g = np.where(real, np.asarray(g, np.float32), 0)
     w = np.where(real, np.asarray(w, np.float32), 0)
     assert np.abs(g - w).max() <= 1e-2 * np.abs(w).max(), name
+
+
+def test_lm_head_precision_is_a_checked_knob():
+  """Every lm_head_precision the config accepts reaches the head; a float32 head with the
+  3- or 6-pass bf16 algorithm gives the float32 logits to within the algorithm's error (on CPU,
+  XLA computes both in plain float32); an unknown name is rejected naming the field."""
+  cfg = config.preset("tiny")
+  hidden = jax.random.normal(jax.random.key(0), (2, 3, cfg.hidden_size))
+  head = jax.random.normal(jax.random.key(1), (cfg.hidden_size, cfg.vocab_size))
+  want = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64)
+  for precision, bound in (("highest", 2.0 ** -20), ("bf16_6x", 2.0 ** -20),
+                           ("bf16_3x", 2.0 ** -14)):
+    got = jax.jit(lambda h, w, p=precision: model.lm_head_logits(
+        cfg.replace(lm_head_precision=p), h, w))(hidden, head)
+    assert np.linalg.norm(got - want) <= bound * np.linalg.norm(want), precision
+  with pytest.raises(ValueError, match="lm_head_precision"):
+    config.preset("tiny", lm_head_precision="bf16_9x")
+
+
+@pytest.mark.gpu
+def test_gpu_lm_head_precisions_against_float64():
+  """On the GPU each algorithm's error against float64, small-preset head shapes: 6 bf16
+  passes and 3 tf32 passes keep float32's 24-bit operands (error within 4x of true
+  float32's, itself at most about sqrt(E) 2^-24 = 2^-19 from float32 accumulation over E = 1024
+  terms), 3 bf16 passes keep about 16 bits (2^-14 of the norm)."""
+  e, v = 1024, 32768
+  hidden = jax.random.normal(jax.random.key(0), (256, e))
+  head = 0.02 * jax.random.normal(jax.random.key(1), (e, v))
+  want = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64)
+  errors = {}
+  for precision in ("highest", "bf16_3x", "bf16_6x", "tf32_3x"):
+    cfg = config.preset("small", lm_head_precision=precision)
+    got = np.asarray(jax.jit(lambda h, w, c=cfg: model.lm_head_logits(c, h, w))(hidden, head))
+    errors[precision] = np.linalg.norm(got - want) / np.linalg.norm(want)
+  print(errors)
+  assert errors["highest"] <= 2.0 ** -18
+  for precision in ("bf16_6x", "tf32_3x"):
+    assert errors[precision] <= 4 * errors["highest"], (precision, errors)
+  assert errors["bf16_3x"] <= 2.0 ** -14, errors

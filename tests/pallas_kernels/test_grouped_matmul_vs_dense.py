@@ -97,14 +97,17 @@ def test_tilings():
   assert "multiples of 128" in " ".join(mosaic.unmet((8, 64), (2, 64, 64), jnp.bfloat16))
 
 
-def test_mosaic_kernels_lower_for_cuda(monkeypatch):
-  """Forward, input gradient and weight gradient lower on CPU to Mosaic GPU custom calls."""
+@pytest.mark.parametrize("rows", [512, 2])
+def test_mosaic_kernels_lower_for_cuda(monkeypatch, rows):
+  """Forward, input gradient and weight gradient lower on CPU to Mosaic GPU custom calls; also
+  for 2 rows (a batch-1 decode step, top-2), whose aligned layout must still be a whole number
+  of tiles (TMA rejects 2 + 4 x 128 rows)."""
   # The weight-gradient kernel asks the default device for its SM count.
   fake_jax = types.SimpleNamespace(**{k: getattr(jax, k) for k in dir(jax) if not k.startswith("_")})
   fake_jax.devices = lambda: [types.SimpleNamespace(core_count=132)]
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(transposed_ragged_dot_mgpu, "jax", fake_jax)
-  rows, k, n, groups = 512, 256, 384, 4
+  k, n, groups = 256, 384, 4
   lhs = jax.ShapeDtypeStruct((rows, k), jnp.bfloat16)
   rhs = jax.ShapeDtypeStruct((groups, k, n), jnp.bfloat16)
   sizes = jax.ShapeDtypeStruct((groups,), jnp.int32)
@@ -119,13 +122,14 @@ def test_mosaic_kernels_lower_for_cuda(monkeypatch):
 
 
 GPU_SHAPES = [(32768, 1024, 1536, 16), (32768, 768, 1024, 16), (512, 1024, 1536, 16),
-              (96, 768, 1024, 32)]
+              (96, 768, 1024, 32), (2, 1024, 768, 16)]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not is_hopper(), reason="the Mosaic kernels need compute capability 9.x")
 @pytest.mark.parametrize("case", ["random", "one_group"])
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=["w13", "w2", "decode-w13", "decode-w2"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=["w13", "w2", "decode-w13", "decode-w2",
+                                                 "batch1-w1"])
 def test_gpu_mosaic_vs_dense(shape, case):
   rows, k, n, groups = shape
   lhs, rhs, sizes, d_out = _inputs(rows, k, n, groups, jnp.bfloat16, case, seed=rows)
