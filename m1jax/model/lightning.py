@@ -50,12 +50,15 @@ class LightningAttention(nn.Module):
 
   @nn.compact
   def __call__(self, h: jax.Array, slope: jax.Array, token_mask: jax.Array | None = None,
-               state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+               state: jax.Array | None = None,
+               state_row: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """h [B, T, E]; slope [H] (this layer's decay_slopes); token_mask [B, T] bool (False:
-    padding); state [B, H, D, D] f32 or None.
+    padding); state [B, H, D, D] f32 or None, or with state_row (int32 []) the stacked states
+    [L_lightning, B, H, D, D] of which row state_row is this layer's.
 
-    Returns (out [B, T, E], final state [B, H, D, D] f32). Padding positions get zero q, k, v,
-    so left padding leaves the state untouched.
+    Returns (out [B, T, E], final state in the form given: [B, H, D, D] f32, or the stack with
+    row state_row replaced; a decode step with lightning_impl "pallas" updates that row in
+    place). Padding positions get zero q, k, v, so left padding leaves the state untouched.
     """
     cfg = self.cfg
     nh, hd, dtype, pdtype = (cfg.num_attention_heads, cfg.head_dim, cfg.jnp_dtype,
@@ -75,13 +78,16 @@ class LightningAttention(nn.Module):
     q, k, v = jnp.split(qkv, 3, axis=-1)
     if h.shape[1] == 1 and state is not None:  # Decode: one token on a carried state.
       o, state = pallas_kernels.lightning_attention_decode(
-          q[:, 0], k[:, 0], v[:, 0], slope, state, impl=cfg.lightning_impl,
+          q[:, 0], k[:, 0], v[:, 0], slope, state, state_row, impl=cfg.lightning_impl,
           interpret=_interpret())
       o = o[:, None]
     else:
-      o, state = pallas_kernels.lightning_attention(
-          q, k, v, slope, state, impl=cfg.lightning_impl, config=cfg.lightning_kernel,
+      initial = state if state_row is None or state is None else state[state_row]
+      o, final = pallas_kernels.lightning_attention(
+          q, k, v, slope, initial, impl=cfg.lightning_impl, config=cfg.lightning_kernel,
           interpret=_interpret(), block_size=cfg.block_size)
+      state = (final if state_row is None or state is None
+               else jax.lax.dynamic_update_index_in_dim(state, final, state_row, axis=0))
     o = RMSNorm(cfg.lightning_norm_eps, ("heads", "head_dim"), pdtype, name="norm")(o.astype(dtype))
     gate = jax.nn.sigmoid(common.matmul("bte,ehd->bthd", h, w_gate, dtype))
     out = common.matmul("bthd,hde->bte", o * gate, w_out, dtype)

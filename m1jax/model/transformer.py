@@ -59,14 +59,16 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, token_mask, slope, lightning_state=None, kv_cache=None,
-               replay=None):
-    """-> (x, attention cache, RouterStats, experts [B, T, k] int32 the MoE routed to)."""
+               replay=None, state_row=None):
+    """-> (x, attention cache, RouterStats, experts [B, T, k] int32 the MoE routed to).
+
+    lightning_state: [B, H, D, D], or with state_row the stacked states (LightningAttention)."""
     cfg = self.cfg
     pdtype = cfg.jnp_param_dtype
     h = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="input_norm")(x)
     if self.is_lightning:
       attn_out, layer_cache = LightningAttention(cfg, name="attn")(h, slope, token_mask,
-                                                                  lightning_state)
+                                                                  lightning_state, state_row)
       alpha, beta = cfg.layernorm_linear_attention_alpha, cfg.layernorm_linear_attention_beta
     else:
       attn_out, layer_cache = SoftmaxAttention(cfg, self.fresh_cache, name="attn")(
@@ -119,12 +121,10 @@ class LayerGroup(nn.Module):
       rank[is_lightning] += 1
       replay = (None if replay_experts is None
                 else RoutingReplay(replay_experts[j], replay_mask))
-      if is_lightning:
-        state = None if states is None else states[row]
-        x, state, stats, experts = layer(x, positions, token_mask, slopes[j], state, None,
-                                         replay)
-        if states is not None:
-          states = jax.lax.dynamic_update_index_in_dim(states, state, row, axis=0)
+      if is_lightning:  # the layer reads and writes row `row` of the stacked states
+        x, new_states, stats, experts = layer(x, positions, token_mask, slopes[j], states, None,
+                                              replay, None if states is None else row)
+        states = None if states is None else new_states
       else:
         kv = None if keys is None else (keys, values, row, slot_mask, index)
         x, new_kv, stats, experts = layer(x, positions, token_mask, slopes[j], None, kv, replay)

@@ -536,23 +536,34 @@ def lightning_attention_pallas(q, k, v, slope, initial_state=None, *, interpret:
                     interpret)
 
 
-def _decode_kernel(slope_ref, q_ref, k_ref, v_ref, state_ref, o_ref, new_state_ref):
+def _decode_kernel(layer_ref, slope_ref, q_ref, k_ref, v_ref, states_ref, o_ref,
+                   new_states_ref, *, tile: int):
+  """One (value tile, head, row): S' = lambda S + k^T v on row `layer` of the stacked states,
+  o = q S'. The states refs are whole arrays (aliased), so only this tile is read and written."""
+  j, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  at = (layer_ref[0], b, h, slice(None), pl.ds(j * tile, tile))
   decay = jnp.exp(-slope_ref[...].astype(_F32))
   q = q_ref[...].astype(_F32)
   k = k_ref[...].astype(_F32)
   v = v_ref[...].astype(_F32)
-  state = decay * state_ref[...] + k[:, None] * v[None, :]
+  state = decay * states_ref[at] + k[:, None] * v[None, :]
   o_ref[...] = jnp.sum(q[:, None] * state, axis=0).astype(o_ref.dtype)
-  new_state_ref[...] = state
+  new_states_ref[at] = state
+
+
+# The Triton lowering addresses the stacked states with 32-bit offsets.
+MAX_DECODE_STATE_ELEMENTS = 2**31 - 1
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "value_tile", "num_warps"))
-def lightning_attention_decode_pallas(q, k, v, slope, state, *, interpret: bool = False,
+def lightning_attention_decode_pallas(q, k, v, slope, states, layer, *, interpret: bool = False,
                                       value_tile: int = 64, num_warps: int = 4):
-  """One token per sequence. q, k, v [B, H, D]; slope [H]; state [B, H, D, D] float32.
+  """One token per sequence on row `layer` of stacked states, updated in place.
 
-  Returns (o [B, H, D] in q.dtype, new state [B, H, D, D] float32). The new state aliases the
-  old one's buffer: donate `state` (jax.jit donate_argnums) to update it in place.
+  q, k, v [B, H, D]; slope [H]; states [L, B, H, D, D] float32; layer int32 [] (0 <= layer < L).
+  Returns (o [B, H, D] in q.dtype, states with row `layer` replaced by the new state). The
+  result aliases `states`: inside a jitted loop that carries the states (the layer scan, the
+  decode loop) XLA updates the one buffer in place, reading and writing one row per call.
   """
   _check_backend(interpret)
   if q.ndim != 3 or q.shape != k.shape or q.shape != v.shape:
@@ -562,21 +573,27 @@ def lightning_attention_decode_pallas(q, k, v, slope, state, *, interpret: bool 
   _check_dim("value_tile", value_tile)
   if slope.shape != (heads,):
     raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
-  if state.shape != (batch, heads, dim, dim):
-    raise ValueError(f"state must be [B, H, D, D]={[batch, heads, dim, dim]}; got {state.shape}")
+  if states.ndim != 5 or states.shape[1:] != (batch, heads, dim, dim):
+    raise ValueError(f"states must be [L, B, H, D, D] with [B, H, D, D]="
+                     f"{[batch, heads, dim, dim]}; got {states.shape}")
+  if states.size > MAX_DECODE_STATE_ELEMENTS:
+    raise ValueError(f"states {states.shape} have {states.size} elements, more than the "
+                     f"decode kernel addresses ({MAX_DECODE_STATE_ELEMENTS}); use impl='auto'")
   tile = min(value_tile, dim)
   vec = pl.BlockSpec((None, None, dim), lambda j, h, b: (b, h, 0))
   vec_tile = pl.BlockSpec((None, None, tile), lambda j, h, b: (b, h, j))
-  state_spec = pl.BlockSpec((None, None, dim, tile), lambda j, h, b: (b, h, 0, j))
+  whole = pl.BlockSpec(states.shape, lambda j, h, b: (0, 0, 0, 0, 0))
   return pl.pallas_call(
-      _decode_kernel,
+      functools.partial(_decode_kernel, tile=tile),
       grid=(dim // tile, heads, batch),
-      in_specs=[pl.BlockSpec((None,), lambda j, h, b: (h,)), vec, vec, vec_tile, state_spec],
-      out_specs=[vec_tile, state_spec],
+      in_specs=[pl.BlockSpec((1,), lambda j, h, b: (0,)),
+                pl.BlockSpec((None,), lambda j, h, b: (h,)), vec, vec, vec_tile, whole],
+      out_specs=[vec_tile, whole],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct(state.shape, _F32)],
-      input_output_aliases={4: 1},
+                 jax.ShapeDtypeStruct(states.shape, _F32)],
+      input_output_aliases={5: 1},
       compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=1),
       interpret=interpret,
       name="lightning_decode",
-  )(slope.astype(_F32), q, k, v, state.astype(_F32))
+  )(jnp.reshape(layer, (1,)).astype(jnp.int32), slope.astype(_F32), q, k, v,
+    states.astype(_F32))

@@ -2,6 +2,7 @@
 
     o, state = lightning_attention(q, k, v, slope, initial_state, impl="pallas", config=...)
     o, state = lightning_attention_decode(q, k, v, slope, state, impl="pallas")
+    o, states = lightning_attention_decode(q, k, v, slope, states, layer, impl="pallas")
 
 impl: "pallas" (the kernels of `kernel.py`: Mosaic GPU forward on Hopper, Triton sweeps; on CPU
 only with interpret=True), "blockwise" / "recurrent" / "quadratic" (the jnp references of
@@ -12,6 +13,7 @@ time by `config.block_size` (KernelConfig); the jnp blockwise path by `block_siz
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.lightning import kernel
 from pallas_kernels.lightning import reference
@@ -59,20 +61,29 @@ def lightning_attention(q, k, v, slope, initial_state=None, *, impl: str = "pall
                                                  block_size=block_size)
 
 
-def lightning_attention_decode(q, k, v, slope, state, *, impl: str = "pallas",
+def lightning_attention_decode(q, k, v, slope, state, layer=None, *, impl: str = "pallas",
                                interpret: bool = False, value_tile: int = 64, num_warps: int = 4):
-  """One token per sequence. q, k, v [B, H, D]; slope [H]; state [B, H, D, D] float32.
+  """One token per sequence. q, k, v [B, H, D]; slope [H].
 
-  Returns (o [B, H, D] in q.dtype, new state [B, H, D, D] float32). "pallas" runs the decode
-  kernel (its new state aliases the old one's buffer: donate `state` to update it in place);
-  every other impl, "auto" included, runs the one-token step of the recurrence in jnp, which XLA
-  fuses with the layer around it: inside the whole model's decode step on an H200 (small preset,
-  B = 256) that took 5.2 ms against 7.6 ms with the kernel.
+  state: [B, H, D, D] float32, or with `layer` (int32 []) stacked states [L, B, H, D, D] of which
+  row `layer` is this layer's. Returns (o [B, H, D] in q.dtype, the new state in the same form:
+  with `layer`, the stack with that row replaced).
+
+  "pallas" runs the decode kernel, which updates the stack in place (one read and one write of
+  the row; without `layer`, donate `state` to reuse its buffer); every other impl, "auto"
+  included, runs the one-token step of the recurrence in jnp and writes the row back with
+  dynamic_update_slice (docs/benchmarks.md compares the two inside the model's decode step).
   """
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"lightning attention implementation {impl!r}; choose one of "
                      f"{IMPLEMENTATIONS}")
+  stacked = state if layer is not None else state[None]
+  row = 0 if layer is None else layer
   if impl == "pallas":
-    return kernel.lightning_attention_decode_pallas(q, k, v, slope, state, interpret=interpret,
-                                                    value_tile=value_tile, num_warps=num_warps)
-  return reference.lightning_decode_step(q, k, v, slope, state)
+    o, stacked = kernel.lightning_attention_decode_pallas(
+        q, k, v, slope, stacked, jnp.asarray(row, jnp.int32), interpret=interpret,
+        value_tile=value_tile, num_warps=num_warps)
+  else:
+    o, new = reference.lightning_decode_step(q, k, v, slope, stacked[row])
+    stacked = jax.lax.dynamic_update_index_in_dim(stacked, new, row, axis=0)
+  return o, (stacked if layer is not None else stacked[0])

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from m1jax import config, model
+from m1jax import config, generate, model
 
 TOL = 1e-5
 
@@ -43,3 +43,34 @@ def test_tiny_model_with_kernel_equals_jnp_path_interpret():
 def test_tiny_model_with_kernel_equals_jnp_path_on_gpu():
   with jax.default_matmul_precision("highest"):
     _compare(config.preset("tiny", dtype="float32"))
+
+
+def _greedy_decode(cfg, params, prompts):
+  out = generate.generate(cfg, params, prompts, generate.GenerateConfig(
+      max_new_tokens=6, sampling=generate.SamplingConfig(temperature=0.0)))
+  return out.tokens, out.logprobs
+
+
+def _compare_decode(cfg):
+  """Greedy generation (prefill + decode steps on the stacked lightning states) through the
+  decode kernel, which updates each layer's row of the stack in place, equals the jnp step."""
+  params = model.init(cfg, jax.random.key(0))
+  prompts = [[3, 5, 7, 9, 11], [2, 4], [6, 1, 8]]
+  ref_tokens, ref_logprobs = _greedy_decode(cfg.replace(lightning_impl="blockwise"), params,
+                                            prompts)
+  tokens, logprobs = _greedy_decode(cfg.replace(lightning_impl="pallas"), params, prompts)
+  assert (tokens == ref_tokens).all()
+  assert float(jnp.max(jnp.abs(logprobs - ref_logprobs))) <= TOL * float(
+      jnp.max(jnp.abs(ref_logprobs)))
+
+
+def test_tiny_model_decode_with_kernel_equals_jnp_path_interpret():
+  # Two groups of (lightning, lightning, softmax): four rows of the stacked states.
+  _compare_decode(config.preset("tiny", dtype="float32", num_hidden_layers=6,
+                                attn_type_list=(0, 0, 1, 0, 0, 1)))
+
+
+@pytest.mark.gpu
+def test_tiny_model_decode_with_kernel_equals_jnp_path_on_gpu():
+  with jax.default_matmul_precision("highest"):
+    _compare_decode(config.preset("tiny", dtype="float32"))

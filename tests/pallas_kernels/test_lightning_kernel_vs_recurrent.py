@@ -7,6 +7,7 @@ the decay sums); bfloat16 inputs 1e-2 (matmul operands and outputs rounded to bf
 relative each).
 """
 
+import functools
 import importlib
 
 import jax
@@ -92,6 +93,16 @@ def _check_decode(dtype, batch, dim, interpret, value_tile, seed=2):
   assert o.dtype == dtype and new_state.dtype == jnp.float32
   assert _rel_err(o, o_ref) <= TOL[dtype]
   assert _rel_err(new_state, state_ref) <= TOL[dtype]
+  # Row 1 of three stacked states, updated in place: the other rows come back bit for bit.
+  others = jax.random.normal(keys[0], (2,) + state.shape, jnp.float32)
+  states = jnp.stack([others[0], state, others[1]])
+  step = jax.jit(functools.partial(lightning_attention_decode, interpret=interpret,
+                                   value_tile=value_tile), donate_argnums=4)
+  o_row, new_states = step(q, k, v, slope, states, jnp.int32(1))
+  np.testing.assert_array_equal(o_row, o)
+  np.testing.assert_array_equal(new_states[1], new_state)
+  np.testing.assert_array_equal(new_states[0], others[0])
+  np.testing.assert_array_equal(new_states[2], others[1])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -257,6 +268,10 @@ def test_lowers_to_triton_for_cuda(monkeypatch):
   assert num_triton_calls(fwd_bwd, x, x, x, slope, state) == 6
   token = jax.ShapeDtypeStruct((batch, heads, dim), jnp.bfloat16)
   assert num_triton_calls(lightning_attention_decode, token, token, token, slope, state) == 1
+  states = jax.ShapeDtypeStruct((14,) + state.shape, jnp.float32)
+  layer = jax.ShapeDtypeStruct((), jnp.int32)
+  assert num_triton_calls(lightning_attention_decode, token, token, token, slope, states,
+                          layer) == 1
 
 
 GPU_CONFIGS = [KernelConfig(), KernelConfig(block_size=64, value_tile=64, segment_len=128,
