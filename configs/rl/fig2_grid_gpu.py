@@ -5,6 +5,8 @@ batch (16 off-policy updates), temperature 1.
 
   python -m experiments.figures.fig2_grid --config=configs/rl/fig2_grid_gpu.py \
       --out_dir=results/fig2_grid --max_minutes=9
+  # One SFT + CISPO run of this config on its own:
+  python -m experiments.train --config=configs/rl/fig2_grid_gpu.py --workdir=workdirs/fig2_grid
 
 Each call trains what it can in --max_minutes and stops cleanly; the next call resumes (the
 shared SFT start first, then the cells). The SFT stage is kept short (150 steps) so that the
