@@ -125,12 +125,19 @@ def experts_capacity(x, weights, experts, w1, w3, w2, dtype, capacity_factor: fl
 
 
 def experts_dense(x, weights, experts, w1, w3, w2, dtype):
-  """Reference: every expert on every token, combined with the (sparse) top-k weights."""
+  """Every expert on every token, combined with the (sparse) top-k weights: the reference, and
+  the decode steps' path (ModelConfig.moe_dense_decode_rows), where it reads each expert once.
+
+  x [N, E]; weights [N, k] f32; experts [N, k] int32; w1/w3 [X, E, I]; w2 [X, I, E] -> [N, E].
+  The combine weights scale the hidden units, so the down projection is one GEMM over all
+  experts' units ([N, X * I] @ [X * I, E]; unselected experts contribute exact zeros).
+  """
+  n, num_experts, inter = x.shape[0], w1.shape[0], w1.shape[-1]
   mm = common.matmul
   hidden = jax.nn.silu(mm("ne,xei->nxi", x, w1, dtype)) * mm("ne,xei->nxi", x, w3, dtype)
-  y = mm("nxi,xie->nxe", hidden, w2, dtype)
-  combine = jnp.sum(jax.nn.one_hot(experts, w1.shape[0]) * weights[..., None], axis=1)  # [N, X]
-  return jnp.einsum("nxe,nx->ne", y.astype(jnp.float32), combine).astype(dtype)
+  combine = jnp.sum(jax.nn.one_hot(experts, num_experts) * weights[..., None], axis=1)  # [N, X]
+  scaled = (hidden.astype(jnp.float32) * combine[..., None]).reshape(n, num_experts * inter)
+  return mm("nj,je->ne", scaled, w2.reshape(num_experts * inter, -1), dtype)
 
 
 class MoE(nn.Module):
@@ -158,7 +165,9 @@ class MoE(nn.Module):
       replay = RoutingReplay(replay.experts.reshape(b * t, -1), replay.mask.reshape(b * t))
     probs, weights, experts = route(x, router, cfg.num_experts_per_tok, replay)
     dropped = jnp.zeros((), jnp.float32)
-    if cfg.moe_impl == "dense":
+    dense_decode = (t == 1 and b <= cfg.moe_dense_decode_rows and jax.default_backend() == "gpu"
+                    and cfg.moe_capacity_factor is None)
+    if cfg.moe_impl == "dense" or dense_decode:
       out = experts_dense(x, weights, experts, w1, w3, w2, dtype)
     elif cfg.moe_capacity_factor is not None:
       out, dropped = experts_capacity(x, weights, experts, w1, w3, w2, dtype,

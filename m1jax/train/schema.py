@@ -130,7 +130,8 @@ _OPTIONAL_FIELDS = {"moe_capacity_factor": float, "bos_token_id": int, "eos_toke
 # With model.hf_dir, the architecture comes from the checkpoint and only these fields apply.
 COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lm_head_precision", "lightning_impl",
                  "lightning_kernel", "attention_impl", "moe_impl", "moe_gemm_impl",
-                 "moe_fuse_gate_up_rows", "moe_capacity_factor", "remat_policy")
+                 "moe_fuse_gate_up_rows", "moe_dense_decode_rows", "moe_capacity_factor",
+                 "remat_policy")
 
 
 def _dataclass_fields(obj) -> ml_collections.ConfigDict:

@@ -578,7 +578,8 @@ def lightning_attention_decode_pallas(q, k, v, slope, states, layer, *, interpre
                      f"{[batch, heads, dim, dim]}; got {states.shape}")
   if states.size > MAX_DECODE_STATE_ELEMENTS:
     raise ValueError(f"states {states.shape} have {states.size} elements, more than the "
-                     f"decode kernel addresses ({MAX_DECODE_STATE_ELEMENTS}); use impl='auto'")
+                     f"decode kernel addresses ({MAX_DECODE_STATE_ELEMENTS}); use impl='auto' or "
+                     "'blockwise' (the jnp step)")
   tile = min(value_tile, dim)
   vec = pl.BlockSpec((None, None, dim), lambda j, h, b: (b, h, 0))
   vec_tile = pl.BlockSpec((None, None, tile), lambda j, h, b: (b, h, j))

@@ -127,7 +127,7 @@ def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
         plgpu.barrier_wait(k_bar.at[slot])
 
         def scores_and_query_state(s_acc, qx_acc):
-          plgpu.wgmma(s_acc, q_smem.at[slot], plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          plgpu.wgmma(s_acc, q_smem.at[slot], k_smem.at[slot].transpose((1, 0)))
           plgpu.wgmma(qx_acc, q_smem.at[slot], xs_smem.at[wg])
           return s_acc[...], qx_acc[...]
 
@@ -145,7 +145,7 @@ def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
         def values_and_state(refs):
           o_acc, x_acc = refs
           plgpu.wgmma(o_acc, p, v_smem.at[slot, wg])
-          plgpu.wgmma(x_acc, plgpu.transpose_ref(k_smem.at[slot], (1, 0)), vd_smem.at[wg])
+          plgpu.wgmma(x_acc, k_smem.at[slot].transpose((1, 0)), vd_smem.at[wg])
 
         o, x = pl.run_state(values_and_state)((plgpu.ACC.init(o_init), plgpu.ACC.init(x_init)))
         plgpu.barrier_arrive(consumed_bar.at[slot])

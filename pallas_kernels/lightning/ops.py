@@ -70,15 +70,15 @@ def lightning_attention_decode(q, k, v, slope, state, layer=None, *, impl: str =
   with `layer`, the stack with that row replaced).
 
   "pallas" runs the decode kernel, which updates the stack in place (one read and one write of
-  the row; without `layer`, donate `state` to reuse its buffer); every other impl, "auto"
-  included, runs the one-token step of the recurrence in jnp and writes the row back with
-  dynamic_update_slice (docs/benchmarks.md compares the two inside the model's decode step).
+  the row; without `layer`, donate `state` to reuse its buffer); the jnp impls run the one-token
+  step of the recurrence and write the row back with dynamic_update_slice. "auto" is "pallas" on
+  a GPU (inside the model's decode step the kernel is 12% faster at B = 256: docs/benchmarks.md)
+  unless the stack has more elements than the kernel addresses (MAX_DECODE_STATE_ELEMENTS).
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"lightning attention implementation {impl!r}; choose one of "
-                     f"{IMPLEMENTATIONS}")
   stacked = state if layer is not None else state[None]
   row = 0 if layer is None else layer
+  fits_kernel = stacked.size <= kernel.MAX_DECODE_STATE_ELEMENTS
+  impl = resolve_impl(impl) if impl != "auto" or fits_kernel else "blockwise"
   if impl == "pallas":
     o, stacked = kernel.lightning_attention_decode_pallas(
         q, k, v, slope, stacked, jnp.asarray(row, jnp.int32), interpret=interpret,

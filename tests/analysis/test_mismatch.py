@@ -62,14 +62,16 @@ def test_float32_paths_route_alike(fp32_setup):
 
 def test_trainer_replays_the_given_experts(fp32_setup):
   # trainer_hidden with replay_experts routes the fed generated tokens (all but the last) to
-  # them and leaves the last token's routing alone.
+  # them and leaves the last token's routing alone. Other prompts and keys than the fixture's, at
+  # its shapes: the programs measure compiled serve again.
   cfg, params, _ = fp32_setup
-  out = mismatch.sample(cfg, params, mismatch.random_prompts(cfg.vocab_size, 1, 4,
+  out = mismatch.sample(cfg, params, mismatch.random_prompts(cfg.vocab_size, BATCH, PROMPT_LEN,
                                                              jax.random.key(3)),
-                        key=jax.random.key(4), max_new_tokens=6)
-  _, _, own = mismatch.trainer_hidden(cfg, params, out.sequences, out.sequence_mask, 4)
+                        key=jax.random.key(4), max_new_tokens=NEW_TOKENS)
+  _, _, own = mismatch.trainer_hidden(cfg, params, out.sequences, out.sequence_mask, PROMPT_LEN)
   other = (own + 1) % cfg.num_local_experts
-  _, _, replayed = mismatch.trainer_hidden(cfg, params, out.sequences, out.sequence_mask, 4, other)
+  _, _, replayed = mismatch.trainer_hidden(cfg, params, out.sequences, out.sequence_mask,
+                                           PROMPT_LEN, other)
   np.testing.assert_array_equal(replayed[:, :-1], other[:, :-1])
   np.testing.assert_array_equal(replayed[:, -1], own[:, -1])
 

@@ -60,13 +60,20 @@ def test_refill_equals_each_prompt_alone(temperature, slots, refill_rows):
     assert out.finish_reasons[i] == alone.finish_reasons[0]
 
 
-def test_refill_wastes_fewer_slot_steps_than_the_static_batch():
+@functools.cache
+def _static_and_refill():
+  """One greedy static batch and its refill run (4 slots, 1 row a refill), experts recorded:
+  the slot-step and routing-replay checks below read the same pair of runs."""
   cfg, params = _model()
   gen = generate.GenerateConfig(max_new_tokens=20, repetition_window=0, eos_token_ids=EOS,
-                                sampling=generate.SamplingConfig(0.0))
-  prompts = _prompts()
-  static = jax.device_get(generate.generate(cfg, params, prompts, gen))
-  refill = jax.device_get(generate.generate(cfg, params, prompts, gen, slots=4, refill_rows=1))
+                                sampling=generate.SamplingConfig(0.0), record_experts=True)
+  static = jax.device_get(generate.generate(cfg, params, _prompts(), gen))
+  refill = jax.device_get(generate.generate(cfg, params, _prompts(), gen, slots=4, refill_rows=1))
+  return static, refill
+
+
+def test_refill_wastes_fewer_slot_steps_than_the_static_batch():
+  static, refill = _static_and_refill()
   np.testing.assert_array_equal(static.tokens, refill.tokens)
   useful = int(np.sum(static.lengths - 1))  # decode steps of unfinished rows, either way
   assert static.slot_steps - static.finished_slot_steps == useful
@@ -84,11 +91,8 @@ def test_refill_arguments_are_checked():
 
 def test_refill_records_the_experts_of_the_static_batch():
   """Routing replay needs the experts each fed token was routed to: refill records the same."""
-  cfg, params = _model()
-  gen = generate.GenerateConfig(max_new_tokens=20, repetition_window=0, eos_token_ids=EOS,
-                                sampling=generate.SamplingConfig(0.0), record_experts=True)
-  static = jax.device_get(generate.generate(cfg, params, _prompts(), gen))
-  refill = jax.device_get(generate.generate(cfg, params, _prompts(), gen, slots=4, refill_rows=2))
+  cfg, _ = _model()
+  static, refill = _static_and_refill()
   np.testing.assert_array_equal(refill.tokens, static.tokens)
   np.testing.assert_array_equal(refill.experts, static.experts)
   assert static.experts.shape == (10, 20, cfg.num_hidden_layers, cfg.num_experts_per_tok)

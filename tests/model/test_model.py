@@ -118,30 +118,72 @@ def test_moe_impls_agree_in_the_model(tiny):
   assert _rel(outs["capacity"], outs["dense"]) <= TOL
 
 
-def test_left_padding_matches_unpadded(tiny):
-  """Padding gets zero q/k/v (lightning), is masked as keys (softmax) and shifts no position."""
+def test_gpu_decode_steps_compute_every_expert_up_to_moe_dense_decode_rows(tiny, monkeypatch):
+  """On a GPU, one token per row and at most moe_dense_decode_rows rows: the dense experts (no
+  sort); more rows, more tokens per row or another backend: the grouped path; a capacity
+  factor: its capacity dispatch. (Traced only: the backend is patched, nothing is lowered.)"""
   cfg, params = tiny
-  tokens = _tokens(cfg, (1, 21))
+  tokens = _tokens(cfg, (6, 1))
+
+  def sorts(c, t):
+    jaxpr = jax.make_jaxpr(lambda p: model.forward(c, p, t).logits)(params)
+    return " sort[" in str(jaxpr)
+
+  assert sorts(cfg.replace(moe_dense_decode_rows=6), tokens)  # CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not sorts(cfg.replace(moe_dense_decode_rows=6), tokens)
+  assert sorts(cfg.replace(moe_dense_decode_rows=5), tokens)
+  assert sorts(cfg.replace(moe_dense_decode_rows=0), tokens)
+  assert sorts(cfg.replace(moe_dense_decode_rows=12), tokens.reshape(3, 2))
+  capacity = str(jax.make_jaxpr(lambda p: model.forward(
+      cfg.replace(moe_dense_decode_rows=6, moe_capacity_factor=2.0), p, tokens).logits)(params))
+  assert " cumsum[" in capacity  # the capacity dispatch's slots
+  with pytest.raises(ValueError, match="moe_dense_decode_rows"):
+    cfg.replace(moe_dense_decode_rows=-1)
+
+
+@pytest.mark.gpu
+def test_gpu_dense_decode_step_equals_the_grouped_path():
+  """A bf16 decode-shaped forward (64 rows x 1 token) through the dense experts against the
+  grouped GEMMs: the same dot products with float32 accumulation, rounded to bf16 at other
+  points (the hidden units scaled by the routing weights before the down projection, against
+  each expert's output before the combine), so within a few bf16 ulps of the largest logit."""
+  cfg = config.preset("tiny", dtype="bfloat16", lightning_impl="blockwise")
+  params = model.init(cfg, jax.random.key(0))
+  tokens = _tokens(cfg, (64, 1))
+  dense = forward(cfg, params, tokens).logits.astype(jnp.float32)
+  grouped = forward(cfg.replace(moe_dense_decode_rows=0), params, tokens).logits
+  assert _rel(dense, grouped.astype(jnp.float32)) <= 4 * 2.0 ** -8
+
+
+def test_left_padding_matches_unpadded(tiny):
+  """Padding gets zero q/k/v (lightning), is masked as keys (softmax) and shifts no position.
+  (The tokens of test_moe_impls_agree_in_the_model: its unpadded forward is compiled.)"""
+  cfg, params = tiny
+  tokens = _tokens(cfg, (2, 19))
   pad = 6
-  padded = jnp.concatenate([jnp.zeros((1, pad), jnp.int32), tokens], axis=1)
-  mask = jnp.arange(21 + pad)[None] >= pad
+  padded = jnp.concatenate([jnp.zeros((2, pad), jnp.int32), tokens], axis=1)
+  mask = jnp.broadcast_to(jnp.arange(19 + pad)[None] >= pad, padded.shape)
   ref = forward(cfg, params, tokens).logits
   got = forward(cfg, params, padded, token_mask=mask).logits[:, pad:]
   assert _rel(got, ref) <= TOL
+
+
+def _loss(cfg, params, tokens):
+  out = model.forward(cfg, params, tokens)
+  return jnp.mean(jax.nn.logsumexp(out.logits, -1)) + out.aux_loss
+
+
+# Module level: both policies compare with one compiled program without remat.
+_loss_and_grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_changes_nothing(tiny, policy):
   cfg, params = tiny
   tokens = _tokens(cfg, (2, 9))
-
-  def loss(c, p):
-    out = model.forward(c, p, tokens)
-    return jnp.mean(jax.nn.logsumexp(out.logits, -1)) + out.aux_loss
-
-  loss_and_grad = jax.jit(jax.value_and_grad(loss, argnums=1), static_argnums=0)
-  ref_loss, ref_grad = loss_and_grad(cfg, params)
-  got_loss, got_grad = loss_and_grad(cfg.replace(remat_policy=policy), params)
+  ref_loss, ref_grad = _loss_and_grad(cfg, params, tokens)
+  got_loss, got_grad = _loss_and_grad(cfg.replace(remat_policy=policy), params, tokens)
   assert abs(float(got_loss - ref_loss)) <= TOL * abs(float(ref_loss))
   for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
     assert float(jnp.max(jnp.abs(a - b))) <= TOL * max(float(jnp.max(jnp.abs(b))), 1e-6)

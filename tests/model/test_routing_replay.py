@@ -145,18 +145,26 @@ def test_recording_experts_changes_nothing_else(sampled):
   assert not np.asarray(out.experts)[:, -1].any()  # the last token is never fed
 
 
-def test_trainer_replays_exactly_the_samplers_experts(sampled):
-  # The trainer in bf16 (another engine's precision) routes some response tokens differently
-  # from the fp32 sampler; with replay it evaluates exactly the sampler's experts there, and
-  # routes the prompt as it does without replay.
+@pytest.fixture(scope="module")
+def trainer_forwards(sampled):
+  """The trainer's forwards of the sampled rows in bf16 (another engine's precision), with its
+  own routing and with the sampler's experts replayed on the fed response tokens."""
   cfg, params, out, _ = sampled
   trainer = cfg.replace(dtype="bfloat16")
   replay, fed = _replay(cfg, out)
+  own, replayed = (model.forward(trainer, params, out.sequences, token_mask=out.sequence_mask,
+                                 return_experts=True, routing_replay=routing_replay)
+                   for routing_replay in (None, replay))
+  return own, replayed, fed
+
+
+def test_trainer_replays_exactly_the_samplers_experts(sampled, trainer_forwards):
+  # The trainer in bf16 routes some response tokens differently from the fp32 sampler; with
+  # replay it evaluates exactly the sampler's experts there, and routes the prompt as it does
+  # without replay.
+  _, _, out, _ = sampled
+  own, replayed, fed = trainer_forwards
   width = out.prompt_tokens.shape[1]
-  own = model.forward(trainer, params, out.sequences, token_mask=out.sequence_mask,
-                      return_experts=True)
-  replayed = model.forward(trainer, params, out.sequences, token_mask=out.sequence_mask,
-                           return_experts=True, routing_replay=replay)
   sampler_sets = np.sort(np.asarray(out.experts), -1)
   own_sets = np.sort(np.asarray(own.routed_experts[:, width:]), -1)
   assert np.any(own_sets != sampler_sets, axis=-1)[fed].sum() >= 3
@@ -165,17 +173,14 @@ def test_trainer_replays_exactly_the_samplers_experts(sampled):
   np.testing.assert_array_equal(replayed.routed_experts[:, :width], own.routed_experts[:, :width])
 
 
-def test_replay_brings_trainer_logprobs_closer_to_the_samplers(sampled):
+def test_replay_brings_trainer_logprobs_closer_to_the_samplers(sampled, trainer_forwards):
   # Same params, trainer in bf16: without replay the tokens after a routing flip differ by up
   # to ~1 nat; with replay the largest gap is bf16 rounding (~0.03). Mean and max must not grow.
-  cfg, params, out, _ = sampled
-  trainer = cfg.replace(dtype="bfloat16")
-  replay, _ = _replay(cfg, out)
+  _, _, out, _ = sampled
   width, n = out.prompt_tokens.shape[1], out.tokens.shape[1]
   gaps = []
-  for routing_replay in (None, replay):
-    logits = model.forward(trainer, params, out.sequences, token_mask=out.sequence_mask,
-                           routing_replay=routing_replay).logits[:, width - 1:width + n - 1]
+  for forward in trainer_forwards[:2]:  # own routing, then replay
+    logits = forward.logits[:, width - 1:width + n - 1]
     logprobs = sampling.token_logprobs(logits, out.tokens, 1.0)
     gaps.append(np.abs(np.asarray(logprobs) - np.asarray(out.logprobs)))
   without, with_replay = gaps

@@ -274,6 +274,29 @@ def test_lowers_to_triton_for_cuda(monkeypatch):
                           layer) == 1
 
 
+
+def test_auto_decode_takes_the_kernel_unless_the_stack_is_too_large(monkeypatch):
+  """On a GPU "auto" decodes through the kernel; a stack with more elements than the kernel's
+  32-bit offsets address goes through the jnp step instead of failing (traced, not allocated)."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  batch, heads, dim = 4, 8, 128
+  token = jax.ShapeDtypeStruct((batch, heads, dim), jnp.bfloat16)
+  slope = jax.ShapeDtypeStruct((heads,), jnp.float32)
+  layer = jax.ShapeDtypeStruct((), jnp.int32)
+  per_row = batch * heads * dim * dim
+  rows_that_fit = kernel_module.MAX_DECODE_STATE_ELEMENTS // per_row
+
+  def uses_kernel(rows, impl="auto"):
+    states = jax.ShapeDtypeStruct((rows, batch, heads, dim, dim), jnp.float32)
+    fn = functools.partial(lightning_attention_decode, impl=impl)
+    return "pallas_call" in str(jax.make_jaxpr(fn)(token, token, token, slope, states, layer))
+
+  assert uses_kernel(rows_that_fit)
+  assert not uses_kernel(rows_that_fit + 1)
+  assert not uses_kernel(rows_that_fit, impl="blockwise")
+  with pytest.raises(ValueError, match="more than the decode kernel addresses"):
+    uses_kernel(rows_that_fit + 1, impl="pallas")
+
 GPU_CONFIGS = [KernelConfig(), KernelConfig(block_size=64, value_tile=64, segment_len=128,
                                             state_block_size=128),
                KernelConfig(block_size=128, value_tile=128, num_warps=8, num_stages=2,
