@@ -108,6 +108,11 @@ class ModelConfig:
   lm_head_dtype: str = "float32"
   # The float32 head's matmul algorithm (LM_HEAD_PRECISIONS); shared by sampler and trainer.
   lm_head_precision: str = "highest"
+  # The float32 head's matmuls in the training backward pass (the chunk's logits recomputed there
+  # and both gradient products; LM_HEAD_PRECISIONS). The forward, whose log-probs the importance
+  # ratios compare with the sampler's, keeps lm_head_precision; the gradient only needs the
+  # softmax to a few ulps.
+  lm_head_grad_precision: str = "highest"
   # Training computes the LM head + log-probs over chunks of this many tokens (memory O(chunk V)).
   head_chunk_tokens: int = 1024
   # True rotates the whole head, as transformers does (ignores rotary_dim).
@@ -190,6 +195,7 @@ class ModelConfig:
                            ("moe_impl", MOE_IMPLS), ("moe_gemm_impl", MOE_GEMM_IMPLS),
                            ("remat_policy", REMAT_POLICIES),
                            ("lm_head_precision", LM_HEAD_PRECISIONS),
+                           ("lm_head_grad_precision", LM_HEAD_PRECISIONS),
                            ("slope_convention", SLOPE_CONVENTIONS)):
       if getattr(self, field) not in allowed:
         fail(field, f"must be one of {allowed}")

@@ -106,8 +106,8 @@ def head_token_logprobs(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array,
   entropies [B, T]) float32, equal to token_logprobs_and_entropy(model.lm_head_logits(cfg,
   hidden, lm_head), ...). The time axis goes through in chunks of about chunk_tokens tokens
   (cfg.head_chunk_tokens; all B rows of a few positions, so the batch stays sharded as it is);
-  each chunk's logits are recomputed in the backward pass (jax.checkpoint), so training holds
-  O(chunk x V) of them.
+  each chunk's logits are recomputed in the backward pass, so training holds O(chunk x V) of
+  them; that recomputation and the gradient products multiply by cfg.lm_head_grad_precision.
   """
   batch, length, _ = hidden.shape
   steps = max(1, min(length, (chunk_tokens or cfg.head_chunk_tokens) // batch))
@@ -116,14 +116,32 @@ def head_token_logprobs(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array,
       jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
           (batch, -1, steps) + x.shape[2:]), 1, 0)  # [n, B, steps, ...]
 
-  @jax.checkpoint
-  @jax.named_scope("lm_head")
-  def one_chunk(args):
-    h, t = args
-    logits = model_lib.lm_head_logits(cfg, h, lm_head)
-    return token_logprobs_and_entropy(logits, t, temperature, vocab_limit)
+  def head(head_cfg):
+    @jax.named_scope("lm_head")
+    def chunk(h, w, t):
+      logits = model_lib.lm_head_logits(head_cfg, h, w)
+      return token_logprobs_and_entropy(logits, t, temperature, vocab_limit)
+    return chunk
 
-  logprobs, entropy = jax.lax.map(one_chunk, (chunks(hidden), chunks(tokens)))
+  forward = head(cfg)
+  if cfg.lm_head_grad_precision == cfg.lm_head_precision or cfg.jnp_lm_head_dtype != jnp.float32:
+    one_chunk = jax.checkpoint(forward)
+  else:  # the backward recomputes the chunk at the gradient's precision and differentiates that
+    backward = head(cfg.replace(lm_head_precision=cfg.lm_head_grad_precision))
+    one_chunk = jax.custom_vjp(forward)
+
+    def save_inputs(h, w, t):
+      return forward(h, w, t), (h, w, t)
+
+    def recompute_and_differentiate(inputs, cotangents):
+      h, w, t = inputs
+      _, vjp = jax.vjp(lambda h, w: backward(h, w, t), h, w)
+      return (*vjp(cotangents), None)  # no cotangent for the token ids
+
+    one_chunk.defvjp(save_inputs, recompute_and_differentiate)
+
+  logprobs, entropy = jax.lax.map(lambda args: one_chunk(args[0], lm_head, args[1]),
+                                  (chunks(hidden), chunks(tokens)))
   unchunk = lambda x: jnp.moveaxis(x, 0, 1).reshape(batch, -1)[:, :length]
   return unchunk(logprobs), unchunk(entropy)
 

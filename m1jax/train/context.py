@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 from absl import logging
 
@@ -34,6 +35,19 @@ def init_distributed(coordinator_address: str = "", num_processes: int = 1, proc
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                              process_id=process_id)
+
+
+def configure_compilation_cache(directory: str, max_gb: float) -> str | None:
+  """Turns on JAX's persistent compilation cache in `directory` (user-expanded; "" leaves it
+  off), at most max_gb GiB (least recently used entries go first). A cache directory already
+  set (JAX_COMPILATION_CACHE_DIR, jax.config) is left as it is. Returns the directory in use."""
+  if jax.config.jax_compilation_cache_dir or not directory:
+    return jax.config.jax_compilation_cache_dir
+  directory = os.path.expanduser(directory)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_compilation_cache_max_size", int(max_gb * 2**30))
+  compilation_cache.reset_cache()  # a process that compiled before starts using it too
+  return directory
 
 
 @dataclasses.dataclass

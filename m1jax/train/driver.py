@@ -23,6 +23,7 @@ def run_from_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finished before the error propagates."""
   schema.validate(config)
   schema.check_paths(config)
+  context.configure_compilation_cache(config.compilation_cache_dir, config.compilation_cache_max_gb)
   ctx = context.build_context(config, workdir)
   schema.check_batches(config, dict(ctx.mesh.shape))
   allowed = check_rerun(config, workdir)

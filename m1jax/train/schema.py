@@ -91,6 +91,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_consecutive_nonfinite = 5  # stop (with a checkpoint) after this many skipped steps in a row
   c.tensorboard = True
   c.progress = True  # tqdm progress bar
+  # JAX's persistent compilation cache: a rerun (or another run of the same shapes) loads its
+  # compiled programs instead of compiling them again. "" turns it off; JAX_COMPILATION_CACHE_DIR
+  # (or jax.config's jax_compilation_cache_dir), when set, wins. Least recently used entries go
+  # beyond compilation_cache_max_gb.
+  c.compilation_cache_dir = "~/.cache/m1jax/jax_compilation_cache"
+  c.compilation_cache_max_gb = 20.0
   return c
 
 
@@ -128,7 +134,8 @@ def _validate_code(cfg: ml_collections.ConfigDict, require) -> None:
 _OPTIONAL_FIELDS = {"moe_capacity_factor": float, "bos_token_id": int, "eos_token_id": int,
                     "segment_len": int, "state_num_stages": int}
 # With model.hf_dir, the architecture comes from the checkpoint and only these fields apply.
-COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lm_head_precision", "lightning_impl",
+COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lm_head_precision",
+                 "lm_head_grad_precision", "lightning_impl",
                  "lightning_kernel", "attention_impl", "moe_impl", "moe_gemm_impl",
                  "moe_fuse_gate_up_rows", "moe_dense_decode_rows", "moe_capacity_factor",
                  "remat_policy")
@@ -280,6 +287,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   require(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
   require(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
   require(cfg.checkpoint.every_steps >= 1, "checkpoint.every_steps", "must be >= 1")
+  require(cfg.compilation_cache_max_gb > 0, "compilation_cache_max_gb", "must be positive")
   require(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
   require(cfg.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite", "must be >= 1")
   for key, weight in cfg.reward.items():
@@ -403,6 +411,7 @@ def check_batches(cfg: ml_collections.ConfigDict, mesh_shape: Mapping[str, int])
 # Keys whose change cannot alter what is computed: cadence, display, stop rules, the mesh.
 RERUN_ALLOWED = ("sft.log_every", "sft.eval_every", "rl.log_every", "rl.eval_every",
                  "checkpoint.every_steps", "checkpoint.keep", "progress", "tensorboard",
+                 "compilation_cache_dir", "compilation_cache_max_gb",
                  "max_consecutive_nonfinite", "mesh.data", "mesh.fsdp", "mesh.tensor",
                  "mesh.expert")
 

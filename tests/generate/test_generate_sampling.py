@@ -173,6 +173,37 @@ def test_head_token_logprobs_equal_the_unchunked_head():
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(w))))
 
 
+def test_lm_head_grad_precision_reaches_only_the_backward():
+  """lm_head_grad_precision: the log-probs are those of lm_head_precision bit for bit; the
+  backward's three matmuls (recomputed logits, both gradient products) run the other algorithm
+  and nothing in the forward does; the gradients equal the default's to float32 rounding (XLA:CPU
+  computes bf16_3x in plain float32). An unknown name is rejected naming the field."""
+  from m1jax import config  # pylint: disable=g-import-not-at-top
+  keys = jax.random.split(jax.random.key(4), 3)
+  cfg = config.preset("tiny")
+  hidden = jax.random.normal(keys[0], (2, 5, cfg.hidden_size))
+  lm_head = jax.random.normal(keys[1], (cfg.hidden_size, cfg.vocab_size)) * 0.3
+  tokens = jax.random.randint(keys[2], (2, 5), 0, cfg.vocab_size)
+  fast = cfg.replace(lm_head_grad_precision="bf16_3x")
+
+  def loss(c):
+    return lambda h, w: jnp.sum(generate.head_token_logprobs(c, h, w, tokens, 0.7,
+                                                             chunk_tokens=4)[0])
+
+  def algorithms(fn):
+    return str(jax.make_jaxpr(fn)(hidden, lm_head)).count("BF16_BF16_F32_X3")
+
+  np.testing.assert_array_equal(jax.jit(loss(fast))(hidden, lm_head),
+                                jax.jit(loss(cfg))(hidden, lm_head))
+  assert algorithms(loss(fast)) == 0
+  assert algorithms(jax.grad(loss(fast), argnums=(0, 1))) == 3
+  assert algorithms(jax.grad(loss(cfg), argnums=(0, 1))) == 0
+  grads = [jax.jit(jax.grad(loss(c), argnums=(0, 1)))(hidden, lm_head) for c in (cfg, fast)]
+  for g, w in zip(*grads[::-1]):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6 * float(jnp.max(jnp.abs(w))))
+  with pytest.raises(ValueError, match="lm_head_grad_precision"):
+    cfg.replace(lm_head_grad_precision="bf16")
+
 def test_vocab_limit_is_never_sampled_and_excluded_from_logprobs():
   logits = jnp.tile(jnp.arange(10, dtype=jnp.float32), (256, 1))  # the highest ids most likely
   keys = jax.random.split(jax.random.key(0), 256)

@@ -269,3 +269,26 @@ def test_rl_step_reports_where_its_time_goes(tmp_path, decode_slots):
     assert step[f"time/{phase}"] > 0, phase
   assert step["time/generated_tokens_per_s"] > 0 and step["time/trained_tokens_per_s"] > 0
   assert step["generated_tokens"] > 0 and 0 <= step["finished_slot_share"] < 1
+
+
+def test_compilation_cache_is_configured_unless_set_elsewhere(tmp_path, monkeypatch):
+  """The config's compilation_cache_dir turns JAX's persistent cache on (user-expanded, with the
+  size limit); a directory already set (JAX_COMPILATION_CACHE_DIR, as this suite sets it) wins,
+  and "" changes nothing."""
+  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+  assert before[0]  # tests/conftest.py
+  try:
+    assert context.configure_compilation_cache(str(tmp_path / "other"), 1.0) == before[0]
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert context.configure_compilation_cache("", 1.0) is None
+    assert jax.config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = str(tmp_path)
+    assert context.configure_compilation_cache("~/cache_dir", 0.5) == f"{home}/cache_dir"
+    assert jax.config.jax_compilation_cache_dir == f"{home}/cache_dir"
+    assert jax.config.jax_compilation_cache_max_size == 2**29
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_compilation_cache_max_size", before[1])
+  with pytest.raises(ValueError, match="compilation_cache_max_gb"):
+    schema.validate(_micro(compilation_cache_max_gb=0.0))
