@@ -44,14 +44,9 @@ _REPS = flags.DEFINE_integer("reps", 3, "Timed generate calls per row (the media
 _OUT_DIR = flags.DEFINE_string("out_dir", "results/rollout", "CSV and table folder.")
 
 
-def _variants(spec: str) -> list[dict]:
-  """"a=1,b=x;c=2" -> [{"a": 1, "b": "x"}, {"c": 2}] (ModelConfig fields, checked)."""
-  return [reporting.model_overrides(group.split(",")) for group in spec.split(";") if group]
-
-
 def main(argv):
   del argv
-  variants = _variants(_VARIANTS.value)  # a misspelled field stops here, before any compile
+  variants = reporting.model_variants(_VARIANTS.value)  # a misspelled field stops here, before any compile
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   log = reporting.tee(os.path.join(_OUT_DIR.value, "rollout.log"))
   log(reporting.versions())

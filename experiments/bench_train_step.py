@@ -5,7 +5,8 @@ goes, and the same step on longer sequences and several meshes.
   python -m experiments.bench_train_step --meshes="fsdp=1;fsdp=2;expert=2" --breakdown=false
 
 --shapes lists rows x tokens per step (each sequence 1/8 prompt, 7/8 response); the first shape
-gets the component breakdown and the grouped-GEMM rates. --long_remat applies to shapes of more
+gets the component breakdown and the grouped-GEMM rates, and --variants (ModelConfig switches
+timed beside the base on the first shape and mesh). --long_remat applies to shapes of more
 than 4096 tokens per sequence. Meshes are `axis=size,...` separated by `;` (axes: data, fsdp,
 tensor, expert). Writes train_step.csv, components.csv and train_step.md to --out_dir.
 """
@@ -27,6 +28,10 @@ _LONG_REMAT = flags.DEFINE_string("long_remat", "full", "remat_policy for sequen
 _BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Time the components of the first shape.")
 _OVERRIDES = flags.DEFINE_list("model", [], "ModelConfig fields as name=value (e.g. "
                                "moe_gemm_impl=xla), applied to every run.")
+_VARIANTS = flags.DEFINE_string(
+    "variants", "", "';'-separated ModelConfig changes, each ','-separated name=value (e.g. "
+    "\"lm_head_grad_precision=bf16_3x;remat_policy=dots_saveable\"), each timed after the base "
+    "on the first shape and mesh, in the same process.")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", reporting.PEAK_BF16_FLOPS / 1e12,
                                   "Per-device peak for MFU (default: the measured H200 bf16 "
                                   "matmul rate).")
@@ -35,6 +40,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "results/train_step", "CSV and table f
 
 def main(argv):
   del argv
+  variants = reporting.model_variants(_VARIANTS.value)  # a misspelled field stops here
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   log = reporting.tee(os.path.join(_OUT_DIR.value, "train_step.log"))
   log(reporting.versions())
@@ -52,13 +58,18 @@ def main(argv):
       size = 1
       for n in mesh.values():
         size *= n
-      result = benchmark.time_step(cfg, params, batch, mesh, jax.devices()[:size],
-                                   _PEAK_TFLOPS.value * 1e12)
-      log(f"{shape} {result.mesh}: {result.step_ms:.1f} ms, {result.tokens_per_s:.0f} tokens/s, "
-          f"MFU {100 * result.mfu:.1f}%, compile {result.compile_s:.1f} s, peak "
-          f"{result.peak_gib:.1f} GiB (remat {cfg.remat_policy})")
-      results.append(result)
-    reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "train_step.csv"), results)
+      variant_list = [{}] + (variants if i == 0 and mesh == meshes[0] else [])
+      for changes in variant_list:
+        label = ",".join(f"{k}={v}" for k, v in changes.items())
+        result = benchmark.time_step(cfg.replace(**changes), params, batch, mesh,
+                                     jax.devices()[:size], _PEAK_TFLOPS.value * 1e12,
+                                     variant=label)
+        log(f"{shape} {result.mesh} {label or 'base'}: {result.step_ms:.1f} ms, "
+            f"{result.tokens_per_s:.0f} tokens/s, MFU {100 * result.mfu:.1f}%, compile "
+            f"{result.compile_s:.1f} s, peak {result.peak_gib:.1f} GiB (remat "
+            f"{cfg.replace(**changes).remat_policy})")
+        results.append(result)
+        reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "train_step.csv"), results)
     if i == 0 and _BREAKDOWN.value:
       components = benchmark.component_times(cfg, params, rows, seq_len,
                                              seq_len - seq_len // 8)

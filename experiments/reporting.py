@@ -94,3 +94,9 @@ def model_overrides(items: Sequence[str]) -> dict:
     except (ValueError, SyntaxError):
       out[name] = value  # a plain string
   return out
+
+
+def model_variants(spec: str) -> list[dict]:
+  """"a=1,b=x;c=2" -> [{"a": 1, "b": "x"}, {"c": 2}]: ';'-separated groups of ModelConfig
+  changes, each checked by model_overrides."""
+  return [model_overrides(group.split(",")) for group in spec.split(";") if group]

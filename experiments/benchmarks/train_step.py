@@ -51,6 +51,7 @@ class StepResult:
   mfu: float
   compile_s: float
   peak_gib: float  # the compiled step's arguments + outputs + temporaries (XLA's estimate)
+  variant: str = ""  # ModelConfig changes against the base config ("" for the base)
 
 
 def rollout_batch(cfg: ModelConfig, rows: int, prompt_len: int, response_len: int, seed: int = 0):
@@ -85,7 +86,7 @@ def _peak_gib(compiled) -> float:
 
 
 def time_step(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], devices,
-              peak_flops_per_device: float, steps: int = 5) -> StepResult:
+              peak_flops_per_device: float, steps: int = 5, variant: str = "") -> StepResult:
   """Compiles rl_update for `mesh_shape` over `devices` (timed), runs it once from the common
   starting state, then times `steps` steps (median)."""
   mesh = sharding.make_mesh(dict(mesh_shape), devices)
@@ -118,7 +119,7 @@ def time_step(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], de
                     loss=float(first["loss"]), grad_norm=float(first["grad_norm"]),
                     step_ms=seconds * 1e3, tokens_per_s=tokens / seconds,
                     mfu=step_flops / seconds / (peak_flops_per_device * len(devices)),
-                    compile_s=compile_s, peak_gib=_peak_gib(compiled))
+                    compile_s=compile_s, peak_gib=_peak_gib(compiled), variant=variant)
 
 
 def run_meshes(cfg: ModelConfig, mesh_shapes: Sequence[Mapping[str, int]], rows: int,
@@ -145,14 +146,16 @@ def table(results: Sequence[StepResult]) -> str:
   for r in results:
     base = next(b for b in results if (b.rows, b.seq_len) == (r.rows, r.seq_len))
     efficiency = r.tokens_per_s / (base.tokens_per_s * r.devices / base.devices)
-    rows.append([r.mesh, r.devices, f"{r.rows} x {r.seq_len}", f"{r.loss:.6f}",
+    rows.append([r.variant or "base", r.mesh, r.devices, f"{r.rows} x {r.seq_len}",
+                 f"{r.loss:.6f}",
                  f"{r.grad_norm:.5f}",
                  f"{abs(r.loss - base.loss) / abs(base.loss):.1e} / "
                  f"{abs(r.grad_norm - base.grad_norm) / base.grad_norm:.1e}", f"{r.step_ms:.1f}",
                  f"{r.tokens_per_s:.0f}", f"{100 * r.mfu:.1f}%", f"{100 * efficiency:.0f}%",
                  f"{r.compile_s:.1f}", f"{r.peak_gib:.1f}"])
   return reporting.markdown_table(
-      ["mesh", "GPUs", "rows x tokens", "loss", "grad norm", "rel. diff vs 1st mesh (loss / grad)",
+      ["model", "mesh", "GPUs", "rows x tokens", "loss", "grad norm",
+       "rel. diff vs 1st row of the shape (loss / grad)",
        "step ms", "tokens/s", "MFU", "scaling eff.", "compile s", "peak GiB"], rows)
 
 

@@ -24,9 +24,9 @@ def test_model_overrides_name_the_bad_item(item):
 
 
 def test_variants_split_on_semicolons_then_commas():
-  assert bench_rollout._variants("moe_gemm_impl=xla;lightning_impl=pallas,moe_impl=dense;") == [
+  assert reporting.model_variants("moe_gemm_impl=xla;lightning_impl=pallas,moe_impl=dense;") == [
       {"moe_gemm_impl": "xla"}, {"lightning_impl": "pallas", "moe_impl": "dense"}]
-  assert bench_rollout._variants("") == []
+  assert reporting.model_variants("") == []
 
 
 def test_rollout_benchmark_writes_one_row_per_run(tmp_path):
