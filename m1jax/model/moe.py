@@ -129,15 +129,14 @@ def experts_dense(x, weights, experts, w1, w3, w2, dtype):
   the decode steps' path (ModelConfig.moe_dense_decode_rows), where it reads each expert once.
 
   x [N, E]; weights [N, k] f32; experts [N, k] int32; w1/w3 [X, E, I]; w2 [X, I, E] -> [N, E].
-  The combine weights scale the hidden units, so the down projection is one GEMM over all
-  experts' units ([N, X * I] @ [X * I, E]; unselected experts contribute exact zeros).
+  The expert axis stays an axis of every product (not merged with I), so expert- and
+  tensor-sharded weights need no resharding.
   """
-  n, num_experts, inter = x.shape[0], w1.shape[0], w1.shape[-1]
   mm = common.matmul
   hidden = jax.nn.silu(mm("ne,xei->nxi", x, w1, dtype)) * mm("ne,xei->nxi", x, w3, dtype)
-  combine = jnp.sum(jax.nn.one_hot(experts, num_experts) * weights[..., None], axis=1)  # [N, X]
-  scaled = (hidden.astype(jnp.float32) * combine[..., None]).reshape(n, num_experts * inter)
-  return mm("nj,je->ne", scaled, w2.reshape(num_experts * inter, -1), dtype)
+  y = mm("nxi,xie->nxe", hidden, w2, dtype)
+  combine = jnp.sum(jax.nn.one_hot(experts, w1.shape[0]) * weights[..., None], axis=1)  # [N, X]
+  return jnp.einsum("nxe,nx->ne", y.astype(jnp.float32), combine).astype(dtype)
 
 
 class MoE(nn.Module):

@@ -145,9 +145,8 @@ def test_gpu_decode_steps_compute_every_expert_up_to_moe_dense_decode_rows(tiny,
 @pytest.mark.gpu
 def test_gpu_dense_decode_step_equals_the_grouped_path():
   """A bf16 decode-shaped forward (64 rows x 1 token) through the dense experts against the
-  grouped GEMMs: the same dot products with float32 accumulation, rounded to bf16 at other
-  points (the hidden units scaled by the routing weights before the down projection, against
-  each expert's output before the combine), so within a few bf16 ulps of the largest logit."""
+  grouped GEMMs: the same dot products with float32 accumulation in other kernels (another
+  summation order), each rounded to bf16, so within a few bf16 ulps of the largest logit."""
   cfg = config.preset("tiny", dtype="bfloat16", lightning_impl="blockwise")
   params = model.init(cfg, jax.random.key(0))
   tokens = _tokens(cfg, (64, 1))
