@@ -64,7 +64,7 @@ def main(argv):
     static_rows(f"{param_dtype} params",
                 config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=param_dtype))
   for changes in variants:
-    label = ", ".join(f"{k}={v}" for k, v in changes.items())
+    label = reporting.describe_overrides(changes, sep=", ")
     static_rows(f"{_DTYPE.value} params, {label}",
                 config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value,
                               **changes))

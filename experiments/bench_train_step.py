@@ -60,7 +60,7 @@ def main(argv):
         size *= n
       variant_list = [{}] + (variants if i == 0 and mesh == meshes[0] else [])
       for changes in variant_list:
-        label = ",".join(f"{k}={v}" for k, v in changes.items())
+        label = reporting.describe_overrides(changes)
         result = benchmark.time_step(cfg.replace(**changes), params, batch, mesh,
                                      jax.devices()[:size], _PEAK_TFLOPS.value * 1e12,
                                      variant=label)

@@ -79,20 +79,31 @@ def write_results(out_dir: str, name: str, rows: Sequence, table: str, log) -> N
 
 def model_overrides(items: Sequence[str]) -> dict:
   """ModelConfig fields from "name=value" strings (values as Python literals, else strings):
-  ["moe_gemm_impl=xla", "head_chunk_tokens=2048"] -> {"moe_gemm_impl": "xla", ...}. A name that
-  is no ModelConfig field raises ValueError naming it."""
+  ["moe_gemm_impl=xla", "head_chunk_tokens=2048"] -> {"moe_gemm_impl": "xla", ...}; a
+  KernelConfig field as "lightning_kernel.<field>=value" (collected into one KernelConfig). A
+  name that is no such field raises ValueError naming it."""
   from m1jax.config import ModelConfig  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import KernelConfig  # pylint: disable=g-import-not-at-top
   fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  out = {}
+  kernel_fields = {f"lightning_kernel.{f.name}" for f in dataclasses.fields(KernelConfig)}
+  out, kernel = {}, {}
   for item in items:
     name, has_value, value = item.strip().partition("=")
-    if not has_value or name not in fields:
+    if not has_value or name not in fields | kernel_fields:
       raise ValueError(f"model override {item!r}: expected name=value with name a ModelConfig "
-                       f"field ({', '.join(sorted(fields))})")
+                       f"field ({', '.join(sorted(fields))}) or lightning_kernel.<field> "
+                       f"({', '.join(sorted(f.split('.')[1] for f in kernel_fields))})")
     try:
-      out[name] = ast.literal_eval(value)
+      value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
-      out[name] = value  # a plain string
+      pass  # a plain string
+    if name in kernel_fields:
+      kernel[name.split(".", 1)[1]] = value
+    else:
+      out[name] = value
+  if kernel:
+    out["lightning_kernel"] = dataclasses.replace(out.get("lightning_kernel", KernelConfig()),
+                                                  **kernel)
   return out
 
 
@@ -100,3 +111,18 @@ def model_variants(spec: str) -> list[dict]:
   """"a=1,b=x;c=2" -> [{"a": 1, "b": "x"}, {"c": 2}]: ';'-separated groups of ModelConfig
   changes, each checked by model_overrides."""
   return [model_overrides(group.split(",")) for group in spec.split(";") if group]
+
+
+def describe_overrides(changes: dict, sep: str = ",") -> str:
+  """The inverse of model_overrides, for labels: {"moe_impl": "dense", "lightning_kernel":
+  KernelConfig(block_size=128)} -> "moe_impl=dense,lightning_kernel.block_size=128" (a
+  KernelConfig by its fields that differ from the default)."""
+  parts = []
+  for name, value in changes.items():
+    if dataclasses.is_dataclass(value):
+      default = type(value)()
+      parts += [f"{name}.{f.name}={getattr(value, f.name)}" for f in dataclasses.fields(value)
+                if getattr(value, f.name) != getattr(default, f.name)]
+    else:
+      parts.append(f"{name}={value}")
+  return sep.join(parts)

@@ -5,6 +5,7 @@ Dropless grouped GEMM, capacity-factor dispatch, dense reference.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -76,6 +77,47 @@ def _swiglu_grouped(xs, w1, w3, w2, group_sizes, dtype, gemm_impl: str, fuse_row
   return grouped_matmul(jax.nn.silu(gate) * up, w2, group_sizes, impl=gemm_impl)
 
 
+# The dropless path's row permutations with gathers for gradients: XLA differentiates an indexed
+# read into a scatter-add (atomics on a GPU), though each index here is a permutation whose
+# inverse is known.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sorted_rows(k, x, order, rank):
+  """x [N, E] -> [N * k, E], row i the token of assignment order[i] (assignment = token * k +
+  choice); rank is the inverse of order. The gradient sums each token's k rows."""
+  del rank
+  return x[order // k]
+
+
+def _sorted_rows_fwd(k, x, order, rank):
+  return _sorted_rows(k, x, order, rank), rank
+
+
+def _sorted_rows_bwd(k, rank, g):
+  per_token = g[rank].reshape(-1, k, g.shape[-1])
+  return jnp.sum(per_token.astype(jnp.float32), axis=1).astype(g.dtype), None, None
+
+
+_sorted_rows.defvjp(_sorted_rows_fwd, _sorted_rows_bwd)
+
+
+@jax.custom_vjp
+def _unsorted_rows(y, order, rank):
+  """y [N * k, E] in expert order -> assignment order (y[rank]); the gradient is g[order]."""
+  del order
+  return y[rank]
+
+
+def _unsorted_rows_fwd(y, order, rank):
+  return _unsorted_rows(y, order, rank), order
+
+
+def _unsorted_rows_bwd(order, g):
+  return g[order], None, None
+
+
+_unsorted_rows.defvjp(_unsorted_rows_fwd, _unsorted_rows_bwd)
+
+
 def experts_dropless(x, weights, experts, w1, w3, w2, dtype, gemm_impl: str = "auto",
                      fuse_rows: int = 0):
   """Every assignment computed: sort by expert, grouped GEMMs (pallas_kernels.grouped_matmul:
@@ -89,12 +131,12 @@ def experts_dropless(x, weights, experts, w1, w3, w2, dtype, gemm_impl: str = "a
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # sorted row -> assignment (token * k + choice)
     sizes = jnp.bincount(flat, length=w1.shape[0]).astype(jnp.int32)
-    xs = x[order // k]
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
+    xs = _sorted_rows(k, x, order, rank)
   with jax.named_scope("experts"):
     y = _swiglu_grouped(xs, w1, w3, w2, sizes, dtype, gemm_impl, fuse_rows)
   with jax.named_scope("combine"):
-    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-    y = y[rank].reshape(n, k, -1)  # back in assignment order
+    y = _unsorted_rows(y, order, rank).reshape(n, k, -1)  # back in assignment order
     return jnp.einsum("nke,nk->ne", y.astype(jnp.float32), weights).astype(dtype)
 
 

@@ -175,7 +175,8 @@ class Transformer(nn.Module):
     scan = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True},
                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
                             nn.broadcast),
-                   length=groups, metadata_params={nn.PARTITION_NAME: "layers"})
+                   length=groups, unroll=min(cfg.layer_scan_unroll, groups),
+                   metadata_params={nn.PARTITION_NAME: "layers"})
     slopes = layer_slopes(cfg).reshape(groups, period, cfg.num_attention_heads)
     (x, states, keys, values), (stats, hidden, routed) = scan(
         cfg, return_hidden_states, fresh_cache, return_experts, name="layers")(

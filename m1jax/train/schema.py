@@ -138,7 +138,7 @@ COMPUTE_KNOBS = ("dtype", "param_dtype", "lm_head_dtype", "lm_head_precision",
                  "lm_head_grad_precision", "lightning_impl",
                  "lightning_kernel", "attention_impl", "moe_impl", "moe_gemm_impl",
                  "moe_fuse_gate_up_rows", "moe_dense_decode_rows", "moe_capacity_factor",
-                 "remat_policy")
+                 "remat_policy", "layer_scan_unroll")
 
 
 def _dataclass_fields(obj) -> ml_collections.ConfigDict:

@@ -17,6 +17,18 @@ def test_model_overrides_parse_literals_and_strings():
   assert reporting.model_overrides([]) == {}
 
 
+def test_kernel_config_fields_are_overrides_too():
+  from pallas_kernels import KernelConfig  # pylint: disable=g-import-not-at-top
+  changes = reporting.model_overrides(["lightning_kernel.block_size=128", "moe_impl=dense",
+                                       "lightning_kernel.forward_impl=triton"])
+  assert changes == {"moe_impl": "dense", "lightning_kernel": KernelConfig(
+      block_size=128, forward_impl="triton")}
+  assert reporting.describe_overrides(changes) == (
+      "moe_impl=dense,lightning_kernel.block_size=128,lightning_kernel.forward_impl=triton")
+  with pytest.raises(ValueError, match="lightning_kernel.<field>"):
+    reporting.model_overrides(["lightning_kernel.block=128"])
+
+
 @pytest.mark.parametrize("item", ["moe_gemm=xla", "moe_gemm_impl", "=3"])
 def test_model_overrides_name_the_bad_item(item):
   with pytest.raises(ValueError, match=f"model override '{item}'.*ModelConfig field"):

@@ -12,18 +12,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_train_step_benchmark_times_the_base_and_each_variant(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_train_step", "--preset=tiny", "--dtype=float32",
-       "--shapes=2x32", "--breakdown=false", "--variants=lm_head_grad_precision=bf16_3x",
+       "--shapes=2x32", "--breakdown=false", "--variants=lm_head_grad_precision=highest",
        f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "train_step.csv") as f:
     rows = list(csv.DictReader(f))
-  assert [r["variant"] for r in rows] == ["", "lm_head_grad_precision=bf16_3x"]
+  assert [r["variant"] for r in rows] == ["", "lm_head_grad_precision=highest"]
   assert all(float(r["step_ms"]) > 0 for r in rows)
   # The variant changes only the backward's matmul algorithm (plain float32 on XLA:CPU): the
   # first step's loss and gradient norm are the base's.
   assert rows[0]["loss"] == rows[1]["loss"] and rows[0]["grad_norm"] == rows[1]["grad_norm"]
   table = (tmp_path / "train_step.md").read_text()
-  assert "| base | single |" in table and "| lm_head_grad_precision=bf16_3x | single |" in table
+  assert "| base | single |" in table and "| lm_head_grad_precision=highest | single |" in table
 
 
 def test_a_misspelled_variant_stops_before_any_compile(tmp_path):

@@ -1,12 +1,14 @@
 """Model behaviour: MoE implementations, padding, remat, dtypes, parameter counts, sharding."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m1jax import config, model, sharding
-from m1jax.model import moe
+from m1jax import config, generate, model, sharding
+from m1jax.model import common, moe
 from m1jax.model.lightning import decay_slopes
 
 # float32 everywhere below; implementations differ only in summation order.
@@ -38,6 +40,69 @@ def _experts(seed, n=40, e=16, i=24, x=6, k=2):
   w2 = jax.random.normal(ks[4], (x, i, e)) * 0.2
   _, weights, experts = moe.route(h, router, k)
   return h, weights, experts, w1, w3, w2
+
+
+def test_dropless_gradient_gathers_where_indexing_would_scatter_add():
+  # The sort and unsort are permutations with known inverses: their gradients are gathers (no
+  # scatter-add, which is atomics on a GPU); only the forward's bincount scatter-adds.
+  h, weights, experts, w1, w3, w2 = _experts(2)
+  f = lambda h, w2: jnp.sum(moe.experts_dropless(h, weights, experts, w1, w3, w2, jnp.float32))
+  forward_only = str(jax.make_jaxpr(f)(h, w2)).count("scatter-add")
+  with_grad = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(h, w2)).count("scatter-add")
+  assert with_grad == forward_only == 1
+
+
+@pytest.mark.parametrize("equation,x_shape,w_shape", [
+    ("bte,ehd->bthd", (2, 5, 8), (8, 3, 4)), ("bthd,hde->bte", (2, 5, 3, 4), (3, 4, 8)),
+    ("nxi,xie->nxe", (6, 3, 4), (3, 4, 8))])
+def test_matmul_gradients_in_operand_dtype_equal_autodiff(equation, x_shape, w_shape):
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  w = jax.random.normal(jax.random.key(1), w_shape)
+  ct = jax.random.normal(jax.random.key(2), jnp.einsum(equation, x, w).shape)
+  plain = lambda x, w: jnp.einsum(equation, x, w, preferred_element_type=jnp.float32)
+  _, ref_vjp = jax.vjp(plain, x, w)
+  got, vjp = jax.vjp(functools.partial(common._accumulating_einsum, equation), x, w)
+  assert _rel(got, plain(x, w)) <= 1e-6
+  for a, b in zip(vjp(ct), ref_vjp(ct)):
+    assert a.shape == b.shape and _rel(a, b) <= 1e-6
+
+
+def test_matmul_gradients_multiply_bfloat16_on_a_gpu():
+  # Lowered for CUDA: the forward and both gradient products take bfloat16 operands (autodiff of
+  # the float32-accumulating einsum multiplies float32 there).
+  x = jnp.ones((2, 5, 8), jnp.bfloat16)
+  w = jnp.ones((8, 3, 4), jnp.bfloat16)
+  def loss(fn):
+    return lambda x, w: jnp.sum(fn(x, w).astype(jnp.float32))
+  def operand_types(fn):
+    text = jax.jit(jax.grad(loss(fn), argnums=(0, 1))).trace(x, w).lower(
+        lowering_platforms=("cuda",)).as_text()
+    return {line.split(":")[-1].split("->")[0].strip() for line in text.splitlines()
+            if "stablehlo.dot_general" in line}
+  types = operand_types(functools.partial(common._accumulating_einsum, "bte,ehd->bthd"))
+  assert len(types) == 2 and all("f32" not in t for t in types), types
+  autodiff = operand_types(lambda x, w: jnp.einsum("bte,ehd->bthd", x, w,
+                                                   preferred_element_type=jnp.float32
+                                                   ).astype(jnp.bfloat16))
+  assert all("f32" in t for t in autodiff), autodiff
+
+
+@pytest.mark.parametrize("equation", ["bte,ehd", "bte,ehd,hd->bt", "btz,ehd->bthd"])
+def test_matmul_rejects_what_is_not_a_matmul(equation):
+  with pytest.raises(ValueError, match="matmul"):
+    common.transposed_equations(equation)
+
+
+def test_model_gradients_with_operand_dtype_products_equal_autodiff(tiny, monkeypatch):
+  cfg, params = tiny
+  tokens = _tokens(cfg, (2, 9))
+  ref_loss, ref_grad = _loss_and_grad(cfg, params, tokens)
+  monkeypatch.setattr(common, "gradients_in_operand_dtype", lambda: True)
+  got_loss, got_grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)(
+      cfg, params, tokens)
+  assert abs(float(got_loss - ref_loss)) <= TOL * abs(float(ref_loss))
+  for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
+    assert float(jnp.max(jnp.abs(a - b))) <= TOL * max(float(jnp.max(jnp.abs(b))), 1e-6)
 
 
 def test_router_renormalises_top_k():
@@ -186,6 +251,36 @@ def test_remat_changes_nothing(tiny, policy):
   assert abs(float(got_loss - ref_loss)) <= TOL * abs(float(ref_loss))
   for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
     assert float(jnp.max(jnp.abs(a - b))) <= TOL * max(float(jnp.max(jnp.abs(b))), 1e-6)
+
+
+def test_unrolled_layer_scan_changes_nothing():
+  """layer_scan_unroll=2 (straight-line code over both groups) keeps the parameter tree, the
+  loss, every gradient and a cached greedy decode of the loop over groups."""
+  cfg = config.preset("tiny", dtype="float32", num_hidden_layers=6,
+                      attn_type_list=(0, 0, 1, 0, 0, 1))
+  unrolled = cfg.replace(layer_scan_unroll=2)
+  assert cfg.num_layer_groups == 2
+  params = model.init(cfg, jax.random.key(0))
+  assert (jax.tree.structure(model.init(unrolled, jax.random.key(0)))
+          == jax.tree.structure(params))
+  tokens = _tokens(cfg, (2, 9))
+  loops = lambda c: forward.lower(c, params, tokens).as_text().count("stablehlo.while")
+  assert loops(unrolled) == loops(cfg) - 1  # the layer loop is gone, the lightning blocks' stay
+  ref_loss, ref_grad = _loss_and_grad(cfg, params, tokens)
+  got_loss, got_grad = _loss_and_grad(unrolled, params, tokens)
+  assert abs(float(got_loss - ref_loss)) <= TOL * abs(float(ref_loss))
+  for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
+    assert float(jnp.max(jnp.abs(a - b))) <= TOL * max(float(jnp.max(jnp.abs(b))), 1e-6)
+  run = lambda c: generate.generate(c, params, [[3, 5, 7, 9], [2, 4]], generate.GenerateConfig(
+      max_new_tokens=4, sampling=generate.SamplingConfig(temperature=0.0)))
+  ref, got = run(cfg), run(unrolled)
+  assert (got.tokens == ref.tokens).all()
+  assert _rel(got.logprobs, ref.logprobs) <= TOL
+
+
+def test_layer_scan_unroll_must_be_positive():
+  with pytest.raises(ValueError, match="layer_scan_unroll"):
+    config.preset("tiny", layer_scan_unroll=0)
 
 
 def test_dtypes(tiny):

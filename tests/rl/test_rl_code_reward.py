@@ -31,6 +31,15 @@ def _example(tests=(([1], 2), ([5], 6)), entry_point="f", **meta):
       "tests": tuple({"args": args, "expected": want} for args, want in tests), **meta})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def private_tempdir(tmp_path_factory):
+  """The sandbox's host directories go under a directory of this module's own, so the checks
+  that none are left behind do not see those of a test file running in another process."""
+  saved, tempfile.tempdir = tempfile.tempdir, str(tmp_path_factory.mktemp("system_tmp"))
+  yield tempfile.tempdir
+  tempfile.tempdir = saved
+
+
 @pytest.fixture(scope="module")
 def reward():
   r = code.CodeReward(FAST)
