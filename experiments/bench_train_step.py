@@ -8,7 +8,13 @@ goes, and the same step on longer sequences and several meshes.
 gets the component breakdown and the grouped-GEMM rates, and --variants (ModelConfig switches
 timed beside the base on the first shape and mesh). --long_remat applies to shapes of more
 than 4096 tokens per sequence. Meshes are `axis=size,...` separated by `;` (axes: data, fsdp,
-tensor, expert). Writes train_step.csv, components.csv and train_step.md to --out_dir.
+tensor, expert). --head_precisions times the trainer's LM head + log-probs under each
+lm_head_precision on the first shape's hidden states and compares the log-probs of sampled
+tokens with the first one's, at each of --head_logit_stds:
+
+  python -m experiments.bench_train_step --breakdown=false --head_precisions=highest,bf16_3x,bf16_6x
+
+Writes train_step.csv, components.csv, head_precision.csv and train_step.md to --out_dir.
 """
 
 import os
@@ -32,6 +38,12 @@ _VARIANTS = flags.DEFINE_string(
     "variants", "", "';'-separated ModelConfig changes, each ','-separated name=value (e.g. "
     "\"lm_head_grad_precision=bf16_3x;remat_policy=dots_saveable\"), each timed after the base "
     "on the first shape and mesh, in the same process.")
+_HEAD_PRECISIONS = flags.DEFINE_list(
+    "head_precisions", [], "lm_head_precision values to time and compare against the first "
+    "(e.g. highest,bf16_3x), on the first shape; empty: none.")
+_HEAD_LOGIT_STDS = flags.DEFINE_list(
+    "head_logit_stds", ["0", "20", "60"], "Logit standard deviations the head is scaled to for "
+    "--head_precisions (0: the initialised head as it is).")
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", reporting.PEAK_BF16_FLOPS / 1e12,
                                   "Per-device peak for MFU (default: the measured H200 bf16 "
                                   "matmul rate).")
@@ -41,6 +53,11 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "results/train_step", "CSV and table f
 def main(argv):
   del argv
   variants = reporting.model_variants(_VARIANTS.value)  # a misspelled field stops here
+  unknown = sorted(set(_HEAD_PRECISIONS.value) - set(config.LM_HEAD_PRECISIONS))
+  if unknown:
+    raise app.UsageError(f"--head_precisions: unknown {unknown}; choose from "
+                         f"{config.LM_HEAD_PRECISIONS}")
+  logit_stds = [float(x) for x in _HEAD_LOGIT_STDS.value]
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   log = reporting.tee(os.path.join(_OUT_DIR.value, "train_step.log"))
   log(reporting.versions())
@@ -79,6 +96,13 @@ def main(argv):
       text.append("grouped GEMMs alone (forward + both gradients, balanced experts): "
                   + ", ".join(f"{k} {v:.0f} TF/s" for k, v in rates.items()))
       log(text[-2] + "\n" + text[-1])
+    if i == 0 and _HEAD_PRECISIONS.value:
+      heads = benchmark.head_precisions(cfg, params, rows, seq_len, _HEAD_PRECISIONS.value,
+                                        logit_stds)
+      reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "head_precision.csv"), heads)
+      text.append(f"LM head + log-probs by lm_head_precision (log-probs against "
+                  f"{_HEAD_PRECISIONS.value[0]}'s):\n\n" + benchmark.head_precision_table(heads))
+      log(text[-1])
   text.insert(0, benchmark.table(results))
   with open(os.path.join(_OUT_DIR.value, "train_step.md"), "w") as f:
     f.write("\n\n".join(text) + "\n")

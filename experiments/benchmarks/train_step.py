@@ -15,6 +15,7 @@ across components, and what XLA schedules differently in the whole step).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 from typing import Callable, Mapping, Sequence
@@ -294,3 +295,52 @@ def component_table(components: Sequence[Component], step_ms: float) -> str:
   return reporting.markdown_table(
       ["component (forward + backward)", "per step", "ms each", "ms per step", "of the step",
        "GEMM TF/s"], rows)
+
+
+# --- the float32 head's matmul algorithm --------------------------------------------------------
+@dataclasses.dataclass
+class HeadPrecision:
+  precision: str  # lm_head_precision
+  logit_std: float  # of the scaled head's logits
+  forward_ms: float  # head_token_logprobs over all rows x tokens, forward only
+  mean_abs_diff: float  # sampled tokens' log-probs against the first precision's
+  max_abs_diff: float
+
+
+def head_precisions(cfg: ModelConfig, params, rows: int, seq_len: int,
+                    precisions: Sequence[str], logit_stds: Sequence[float]) -> list[HeadPrecision]:
+  """The LM head + log-probs of the trainer's forward (`head_token_logprobs`) under each
+  lm_head_precision, on the model's final hidden states [rows, seq_len, E] of random tokens: its
+  time, and how far the log-probs of tokens sampled (temperature 1) from the first precision's
+  logits move from that precision's. The head is scaled so that its logits have each standard
+  deviation in logit_stds (0: the head as it is; a random head's logits are nearly uniform)."""
+  tokens = jax.random.randint(jax.random.key(3), (rows, seq_len), 0, cfg.vocab_size)
+  hidden = jax.jit(lambda p, t: model.forward(cfg, p, t, compute_logits=False).hidden)(
+      params, tokens)
+  head = params["lm_head"]
+  reference = cfg.replace(lm_head_precision=precisions[0])
+  std = float(jnp.std(jax.jit(functools.partial(model.lm_head_logits, reference))(
+      hidden[:1], head)))
+  sample = jax.jit(lambda h, w, key: jax.random.categorical(
+      key, model.lm_head_logits(reference, h, w)))
+  out = []
+  for target in logit_stds:
+    scaled = head * (target / std if target else 1.0)
+    sampled = sample(hidden, scaled, jax.random.key(4))
+    logprobs = {}
+    for precision in precisions:
+      c = cfg.replace(lm_head_precision=precision)
+      fn = jax.jit(lambda h, w, t, c=c: sampling.head_token_logprobs(c, h, w, t, 1.0)[0])
+      ms = _time(fn, hidden, scaled, sampled, reps=5)
+      logprobs[precision] = np.asarray(fn(hidden, scaled, sampled), np.float64)
+      diff = np.abs(logprobs[precision] - logprobs[precisions[0]])
+      out.append(HeadPrecision(precision, target or std, ms, float(diff.mean()),
+                               float(diff.max())))
+  return out
+
+
+def head_precision_table(results: Sequence[HeadPrecision]) -> str:
+  return reporting.markdown_table(
+      ["lm_head_precision", "logit std", "head forward ms", "mean abs. diff", "max abs. diff"],
+      [[r.precision, f"{r.logit_std:.2f}", f"{r.forward_ms:.2f}", f"{r.mean_abs_diff:.1e}",
+        f"{r.max_abs_diff:.1e}"] for r in results])

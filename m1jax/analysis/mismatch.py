@@ -102,6 +102,9 @@ def sampler_hidden(cfg: ModelConfig, params, prompt_tokens: jax.Array, prompt_ma
   and the experts each generated token was routed to when fed, int32 [B, N, L, k] (0 for the
   last token, which is never fed).
   """
+  # generate's weights, cast once to the compute dtype: on a GPU XLA may keep a float32 weight's
+  # extra precision in a fused elementwise use (a norm scale), so the cast changes the rounding.
+  params = model.compute_params(cfg, params)
   batch, prompt_width = prompt_tokens.shape
   num_new = tokens.shape[1]
   cache = model.init_cache(cfg, batch, prompt_width + num_new - 1)

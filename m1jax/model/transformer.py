@@ -212,7 +212,7 @@ _HEAD_ALGORITHMS = {
 
 def lm_head_logits(cfg: ModelConfig, hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
   """hidden [..., E] @ lm_head [E, V] in cfg.lm_head_dtype (fp32 option: paper section 3.2);
-  a float32 head multiplies by cfg.lm_head_precision (true float32, no TF32, by default)."""
+  a float32 head multiplies by cfg.lm_head_precision (an XLA dot algorithm, or true float32)."""
   head_dtype = cfg.jnp_lm_head_dtype
   precision = None
   if head_dtype == jnp.float32:

@@ -13,7 +13,8 @@ def test_train_step_benchmark_times_the_base_and_each_variant(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "experiments.bench_train_step", "--preset=tiny", "--dtype=float32",
        "--shapes=2x32", "--breakdown=false", "--variants=lm_head_grad_precision=highest",
-       f"--out_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+       "--head_precisions=highest,bf16_3x", "--head_logit_stds=0,20", f"--out_dir={tmp_path}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / "train_step.csv") as f:
     rows = list(csv.DictReader(f))
@@ -24,6 +25,24 @@ def test_train_step_benchmark_times_the_base_and_each_variant(tmp_path):
   assert rows[0]["loss"] == rows[1]["loss"] and rows[0]["grad_norm"] == rows[1]["grad_norm"]
   table = (tmp_path / "train_step.md").read_text()
   assert "| base | single |" in table and "| lm_head_grad_precision=highest | single |" in table
+  with open(tmp_path / "head_precision.csv") as f:
+    heads = list(csv.DictReader(f))
+  assert [(r["precision"], r["logit_std"] == "20.0") for r in heads] == [
+      ("highest", False), ("bf16_3x", False), ("highest", True), ("bf16_3x", True)]
+  assert all(float(r["forward_ms"]) > 0 for r in heads)
+  # XLA:CPU computes bf16_3x in plain float32: the same log-probs, bit for bit.
+  assert all(float(r["max_abs_diff"]) == 0.0 for r in heads)
+  assert "LM head + log-probs by lm_head_precision (log-probs against highest's)" in table
+
+
+def test_an_unknown_head_precision_stops_before_any_compile(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train_step", "--preset=tiny",
+       "--head_precisions=highest,bf16_9x", f"--out_dir={tmp_path / 'out'}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "--head_precisions: unknown ['bf16_9x']" in result.stderr
+  assert not os.listdir(tmp_path)
 
 
 def test_a_misspelled_variant_stops_before_any_compile(tmp_path):

@@ -180,9 +180,10 @@ def test_lm_head_grad_precision_reaches_only_the_backward():
   computes bf16_3x in plain float32). An unknown name is rejected naming the field."""
   from m1jax import config  # pylint: disable=g-import-not-at-top
   keys = jax.random.split(jax.random.key(4), 3)
-  fast = config.preset("tiny")  # the default: bf16_3x
+  default = config.preset("tiny")
+  assert (default.lm_head_precision, default.lm_head_grad_precision) == ("bf16_3x", "bf16_3x")
+  fast = default.replace(lm_head_precision="highest")  # the backward keeps the default bf16_3x
   cfg = fast.replace(lm_head_grad_precision="highest")
-  assert fast.lm_head_grad_precision == "bf16_3x"
   hidden = jax.random.normal(keys[0], (2, 5, cfg.hidden_size))
   lm_head = jax.random.normal(keys[1], (cfg.hidden_size, cfg.vocab_size)) * 0.3
   tokens = jax.random.randint(keys[2], (2, 5), 0, cfg.vocab_size)
