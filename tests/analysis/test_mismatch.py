@@ -94,6 +94,27 @@ def test_replay_reproduces_generate_logprobs(fp32_setup):
                              atol=1e-5, rtol=0)
 
 
+@pytest.mark.gpu
+def test_gpu_bf16_replay_reproduces_generate():
+  """On a GPU with bf16 compute, two layer groups unrolled, the decode kernel and every expert
+  at decode (the small preset's paths, at tiny sizes): the replay computes what generate
+  computed (generate reads weights cast once to bf16; the float32 masters are not equivalent
+  there), the same log-probs and the same experts."""
+  from m1jax import config, model  # pylint: disable=g-import-not-at-top
+  layers = 8
+  cfg = config.preset("tiny", dtype="bfloat16", num_hidden_layers=layers,
+                      attn_type_list=config.hybrid_layout(layers, period=4),
+                      layernorm_full_attention_alpha=config.alpha_for_depth(layers),
+                      layernorm_linear_attention_alpha=config.alpha_for_depth(layers),
+                      layernorm_mlp_alpha=config.alpha_for_depth(layers), layer_scan_unroll=2)
+  params, _ = mismatch.rescale_lm_head(model.init(cfg, jax.random.key(0)), 4.0)
+  prompts = mismatch.random_prompts(cfg.vocab_size, BATCH, PROMPT_LEN, jax.random.key(1))
+  result = mismatch.measure(cfg, params, prompts, key=jax.random.key(2),
+                            max_new_tokens=NEW_TOKENS)
+  assert result.replay_max_abs_dp < 1e-5
+  assert result.generate_routing_mismatch == 0.0
+
+
 def test_float32_layer_differences_are_tiny(fp32_setup):
   # float32 rounding only: relative differences ~1e-7, far below 1e-5, and finite.
   cfg, _, result = fp32_setup
