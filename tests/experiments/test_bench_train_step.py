@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -35,21 +37,14 @@ def test_train_step_benchmark_times_the_base_and_each_variant(tmp_path):
   assert "LM head + log-probs by lm_head_precision (log-probs against highest's)" in table
 
 
-def test_an_unknown_head_precision_stops_before_any_compile(tmp_path):
+@pytest.mark.parametrize("flag, message", [
+    ("--variants=lm_head_grad_precison=bf16_3x", "model override 'lm_head_grad_precison=bf16_3x'"),
+    ("--head_precisions=highest,bf16_9x", "--head_precisions: unknown ['bf16_9x']"),
+])
+def test_a_misspelled_switch_stops_before_any_compile(tmp_path, flag, message):
   result = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_train_step", "--preset=tiny",
-       "--head_precisions=highest,bf16_9x", f"--out_dir={tmp_path / 'out'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+      [sys.executable, "-m", "experiments.bench_train_step", "--preset=tiny", flag,
+       f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
-  assert "--head_precisions: unknown ['bf16_9x']" in result.stderr
-  assert not os.listdir(tmp_path)
-
-
-def test_a_misspelled_variant_stops_before_any_compile(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_train_step", "--preset=tiny",
-       "--variants=lm_head_grad_precison=bf16_3x", f"--out_dir={tmp_path / 'out'}"],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert result.returncode != 0
-  assert "model override 'lm_head_grad_precison=bf16_3x'" in result.stderr
+  assert message in result.stderr
   assert not os.listdir(tmp_path)  # nothing written
