@@ -327,13 +327,14 @@ def head_precisions(cfg: ModelConfig, params, rows: int, seq_len: int,
   for target in logit_stds:
     scaled = head * (target / std if target else 1.0)
     sampled = sample(hidden, scaled, jax.random.key(4))
-    logprobs = {}
-    for precision in precisions:
+    for precision in precisions:  # the first is the reference
       c = cfg.replace(lm_head_precision=precision)
       fn = jax.jit(lambda h, w, t, c=c: sampling.head_token_logprobs(c, h, w, t, 1.0)[0])
       ms = _time(fn, hidden, scaled, sampled, reps=5)
-      logprobs[precision] = np.asarray(fn(hidden, scaled, sampled), np.float64)
-      diff = np.abs(logprobs[precision] - logprobs[precisions[0]])
+      logprobs = np.asarray(fn(hidden, scaled, sampled), np.float64)
+      if precision == precisions[0]:
+        reference_logprobs = logprobs
+      diff = np.abs(logprobs - reference_logprobs)
       out.append(HeadPrecision(precision, target or std, ms, float(diff.mean()),
                                float(diff.max())))
   return out
