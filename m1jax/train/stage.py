@@ -21,7 +21,7 @@ from m1jax.train import metrics as metrics_lib
 from m1jax.train import optimizer as optimizer_lib
 from m1jax.train import state as state_lib
 from m1jax.train.context import Context
-from m1jax.train.transfer import to_host
+from m1jax.train.transfer import sync_processes, to_host
 
 # step_fn(state, step) -> (state, metrics): one step of a stage (it draws its own data).
 StepFn = Callable[[Any, int], tuple[Any, dict[str, float]]]
@@ -81,15 +81,15 @@ class Stage:
       stopped = int(json.load(f)["step"])
     apart = os.path.join(self.dir, "nonfinite", str(stopped))
     written = stopped in self.checkpointer.all_steps()
+    # Every process has read the marker and the steps before the main process moves them.
+    sync_processes(f"m1jax: {self.name} non-finite stop read")
     if self.ctx.is_main:
       if written:
         shutil.rmtree(apart, ignore_errors=True)
         os.makedirs(os.path.dirname(apart), exist_ok=True)
         os.replace(os.path.join(self.checkpointer.directory, str(stopped)), apart)
       os.remove(marker)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices("m1jax: non-finite checkpoint set apart")
+    sync_processes(f"m1jax: {self.name} non-finite checkpoint set apart")
     self.checkpointer.reload()
     good = self.checkpointer.latest_step()
     where = (f"from step {good}, the last checkpoint before it" if good is not None

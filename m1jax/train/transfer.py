@@ -26,3 +26,9 @@ def to_host(array: jax.Array) -> np.ndarray:
   if array.is_fully_addressable:
     return np.asarray(array)
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def sync_processes(name: str):
+  """A barrier across the run's processes (nothing with one process); `name` must be unique."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

@@ -136,7 +136,8 @@ def test_sigterm_then_errors_mid_run_exit_cleanly_and_keep_the_checkpoints(tmp_p
   assert [r["step"] for r in _records(tmp_path, "rl")] == [0, 1, 2, 3, 4]
 
 
-def test_a_rerun_refuses_a_config_change_that_would_mix_runs_and_records_allowed_ones(tmp_path):
+def test_a_rerun_refuses_a_config_change_that_would_mix_runs_and_records_allowed_ones(
+    tmp_path, monkeypatch):
   config = _micro(**{"mode": "sft", "sft.steps": 2, "checkpoint.every_steps": 1})
   driver.run_from_config(config, str(tmp_path))
   stored = (tmp_path / "config.json").read_bytes()
@@ -153,7 +154,20 @@ def test_a_rerun_refuses_a_config_change_that_would_mix_runs_and_records_allowed
     f.write('{"step": 3, "nl')
   extended = _micro(**{"mode": "sft", "sft.steps": 3, "checkpoint.every_steps": 1,
                        "sft.log_every": 2, "progress": True, "rl.loss.kind": "grpo"})
+  # config.json is replaced whole (the other processes of a run read it in check_rerun): until
+  # the rename, it holds the stored config.
+  real_replace, replaced = os.replace, {}
+
+  def replace(src, dst):
+    if os.path.basename(dst) in ("config.json", "summary.json"):
+      replaced[os.path.basename(dst)] = open(dst, "rb").read()
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, "replace", replace)
   driver.run_from_config(extended, str(tmp_path))
+  monkeypatch.undo()
+  assert replaced["config.json"] == stored and set(replaced) == {"config.json", "summary.json"}
+  assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
   assert [r["step"] for r in _records(tmp_path, "sft")] == [0, 1, 2, 3]
   (record,) = [json.loads(line) for line in open(tmp_path / "config_changes.jsonl")]
   assert record["changes"] == {"progress": [False, True], "rl.loss.kind": ["cispo", "grpo"],

@@ -69,11 +69,17 @@ def test_two_process_run_on_localhost(tmp_path):
             f"--workdir={tmp_path}", "--config.mode=sft", "--config.sft.steps=2",
             f"--config.model.hf_dir={tmp_path / 'hf'}",
             "--num_processes=2", f"--coordinator_address=localhost:{port}"]
-  procs = [subprocess.Popen(common + [f"--process_id={i}"], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+  # Each process's output goes to a file (a pipe read after the other process ends can fill and
+  # stall it), and a failure shows both: the first error is often in the other process.
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = []
+  for i, log in enumerate(logs):
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(common + [f"--process_id={i}"], cwd=ROOT, env=env,
+                                    stdout=f, stderr=subprocess.STDOUT, text=True))
+  returncodes = [p.wait(timeout=300) for p in procs]
+  assert returncodes == [0, 0], "\n".join(
+      f"--- process {i} (exit {rc}):\n{log.read_text()[-2500:]}"
+      for i, (rc, log) in enumerate(zip(returncodes, logs)))
   steps = [r["step"] for r in metrics.read_jsonl(os.path.join(tmp_path, "sft", "metrics.jsonl"))]
   assert steps == [0, 1, 2]
