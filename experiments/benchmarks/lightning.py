@@ -7,7 +7,8 @@ timings: triton.testing.do_bench(return_mode="median").
 
 Row.rel_err is ||ours - other|| / ||other||: on a Pallas row against the float32 jnp reference
 (XLA blockwise for prefill, the jnp step for decode), on another row between ours and that row's
-implementation (fla: max over o and final state, or over dq, dk, dv; pallas-triton: o).
+implementation (fla: max over o and final state, or over dq, dk, dv; pallas-triton: o;
+pallas-triton-bwd: dq, dk, dv).
 """
 
 from __future__ import annotations
@@ -211,11 +212,15 @@ def sweep(configs: list[KernelConfig], shapes: list[tuple[int, int, int, int]],
 def bench_prefill(config: KernelConfig, shapes, log, *, with_fla=True, with_xla=True,
                   with_cudnn=True) -> list[Row]:
   """Forward and forward + backward of every implementation on every (B, T, H, D). When the
-  config's forward is not Triton-only, the Triton forward is timed too ("pallas-triton")."""
+  config is not Triton-only, the Triton kernels alone are timed too ("pallas-triton"), and when
+  its backward is not Triton, forward + backward with the config's forward and the Triton
+  backward ("pallas-triton-bwd")."""
   rows = []
   ours_fwd, ours_fwd_bwd = ours_fns(config)
-  triton_config = dataclasses.replace(config, forward_impl="triton")
+  triton_config = dataclasses.replace(config, forward_impl="triton", backward_impl="triton")
   triton_fns = ours_fns(triton_config) if triton_config != config else None
+  triton_bwd_config = dataclasses.replace(config, backward_impl="triton")
+  triton_bwd_fns = ours_fns(triton_bwd_config) if triton_bwd_config != config else None
   xla_fwd, xla_fwd_bwd = xla_fns()
   cudnn_fwd, cudnn_fwd_bwd = cudnn_fns()
   for batch, seq_len, heads, dim in shapes:
@@ -238,6 +243,12 @@ def bench_prefill(config: KernelConfig, shapes, log, *, with_fla=True, with_xla=
                              ("fwd+bwd", triton_fns[1], (q, k, v, slope, do))):
         results[(kind, "pallas-triton")] = (time_jax(fn, *args),
                                             lightning_flops(kind, *shape, chunk), err)
+    if triton_bwd_fns is not None:
+      err = max(rel_err(g, t) for g, t in zip(grads, triton_bwd_fns[1](q, k, v, slope, do)[1:]))
+      log(f"  {shape} ours vs the Triton backward: grads {err:.2e}")
+      results[("fwd+bwd", "pallas-triton-bwd")] = (
+          time_jax(triton_bwd_fns[1], q, k, v, slope, do),
+          lightning_flops("fwd+bwd", *shape, chunk), err)
     if with_fla:
       try:
         fla_fwd, fla_fwd_bwd = fla_fns(q, k, v, slope, do)

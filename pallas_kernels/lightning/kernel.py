@@ -25,11 +25,12 @@ each of `state_split` equal parts of every segment, and the sweep kernel, one pr
 segment, starts from the decayed sum of the local states of the parts before it. Only one
 [D, D] state per part touches HBM; the forward keeps them for dq.
 
-Forward on Hopper: for bfloat16 inputs with D in {64, 128} and T a multiple of 64, the forward
-runs the Mosaic GPU kernel of `pallas_kernels.lightning.mosaic` (TMA loads, wgmma, one CTA per
-(batch, head) and segment; faster than the Triton sweep, docs/benchmarks.md); when B * H is
-below `min_programs` the sequence is cut into equal segments whose start states come from the
-Triton pre-pass. The backward always runs the Triton sweeps. `KernelConfig.forward_impl` picks.
+Hopper: for bfloat16 inputs with D in {64, 128} and T a multiple of 64, the sweeps can run the
+Mosaic GPU kernel of `pallas_kernels.lightning.mosaic` (TMA loads, wgmma, one CTA per (batch,
+head) and segment, both directions); when B * H is below `min_programs` the sequence is cut into
+equal segments whose start states come from the Triton pre-pass and a scan over segments.
+`KernelConfig.forward_impl` picks the forward's kernel (by default the Mosaic one, faster than
+the Triton sweep: docs/benchmarks.md), `KernelConfig.backward_impl` the backward's three sweeps.
 
 `slope` is not differentiated (its cotangent is zero): it is a fixed per-layer constant in
 MiniMax-M1.
@@ -79,6 +80,8 @@ class KernelConfig:
       split the sequence and the Triton sweep would not (B * H below min_programs <= 2 B * H
       at D = 128, measured slower at T = 8K); else Triton), "mosaic" (that kernel or an error)
       or "triton".
+    backward_impl: the same choice for the backward's three sweeps (dq forward, dv and dk
+      reverse). Default "triton": the Mosaic backward has not been timed against it yet.
     num_stages: Triton software-pipelining depth of the block loop. Each stage holds a block
       of a, b and c in shared memory: block 128 x value tile 128 with 3 stages exceeds the
       H200's 227 KiB (the compiler asked for 288 KiB); the default's blocks take 40 KiB a stage.
@@ -93,6 +96,7 @@ class KernelConfig:
   num_warps: int = 4
   num_stages: int = 3
   forward_impl: str = "auto"
+  backward_impl: str = "triton"
 
   def validate(self) -> None:
     """Raises ValueError naming the first field the kernels cannot honour."""
@@ -103,9 +107,10 @@ class KernelConfig:
     for name in ("state_split", "num_warps", "num_stages", "min_programs"):
       if getattr(self, name) < 1:
         raise ValueError(f"KernelConfig.{name}={getattr(self, name)!r}: must be >= 1")
-    if self.forward_impl not in FORWARD_IMPLS:
-      raise ValueError(f"KernelConfig.forward_impl={self.forward_impl!r}: must be one of "
-                       f"{FORWARD_IMPLS}")
+    for name in ("forward_impl", "backward_impl"):
+      if getattr(self, name) not in SWEEP_IMPLS:
+        raise ValueError(f"KernelConfig.{name}={getattr(self, name)!r}: must be one of "
+                         f"{SWEEP_IMPLS}")
     if self.state_num_stages is not None and self.state_num_stages < 1:
       raise ValueError(f"KernelConfig.state_num_stages={self.state_num_stages!r}: must be >= 1 "
                        "or None")
@@ -113,7 +118,7 @@ class KernelConfig:
       raise ValueError(f"KernelConfig.segment_len={self.segment_len!r}: must be positive or None")
 
 
-FORWARD_IMPLS = ("auto", "mosaic", "triton")
+SWEEP_IMPLS = ("auto", "mosaic", "triton")
 DEFAULT_CONFIG = KernelConfig()
 
 
@@ -381,12 +386,14 @@ def _transpose_state(x):
   return None if x is None else jnp.swapaxes(x, -1, -2)
 
 
-_MOSAIC_BLOCK = 64  # token block of the Mosaic GPU forward
+_MOSAIC_BLOCK = 64  # token block of the Mosaic GPU sweeps
 
 
-def _use_mosaic(q, config: KernelConfig, interpret: bool) -> bool:
-  """Whether the forward runs the Mosaic GPU kernel (KernelConfig.forward_impl)."""
-  if config.forward_impl == "triton":
+def _use_mosaic(q, config: KernelConfig, interpret: bool, field: str = "forward_impl") -> bool:
+  """Whether the sweeps of `field` (KernelConfig.forward_impl or .backward_impl) run the Mosaic
+  GPU kernel."""
+  choice = getattr(config, field)
+  if choice == "triton":
     return False
   _, seq_len, _, dim = q.shape
   unmet = []
@@ -400,13 +407,13 @@ def _use_mosaic(q, config: KernelConfig, interpret: bool) -> bool:
     unmet.append(f"D in (64, 128) (got {dim})")
   if seq_len % _MOSAIC_BLOCK:
     unmet.append(f"T a multiple of {_MOSAIC_BLOCK} (got {seq_len})")
-  if unmet and config.forward_impl == "mosaic":
-    raise ValueError("forward_impl='mosaic' needs " + ", ".join(unmet))
+  if unmet and choice == "mosaic":
+    raise ValueError(f"{field}='mosaic' needs " + ", ".join(unmet))
   return not unmet
 
 
 def _mosaic_plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelConfig) -> _Plan:
-  """The Mosaic forward's segments (one CTA per (batch, head, segment)): as many equal segments
+  """The Mosaic sweeps' segments (one CTA per (batch, head, segment)): as many equal segments
   of whole 64-token blocks as bring B * H up to min_programs; the plan's pre-pass gives their
   start states."""
   blocks = seq_len // _MOSAIC_BLOCK
@@ -417,57 +424,68 @@ def _mosaic_plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelC
                                    segment_len=seq_len // segments))
 
 
-def _mosaic_forward(q, k, v, slope, x0, plan: _Plan, interpret: bool, kernel=None):
-  """Forward by the Mosaic GPU kernel over plan.num_segments equal segments, run as B * N
-  independent sequences whose start states come from the Triton pre-pass and a scan over
-  segments. q, k, v [B, T, H, D]; x0 [B, H, D, D] -> (o [B, T, H, D], final state [B, H, D, D]).
-  `kernel(q, k, v, slope, initial_state)` defaults to the Mosaic kernel (tests pass another)."""
+def _mosaic_sweep(a, b, c, slope, x0, plan: _Plan, *, reverse: bool, interpret: bool,
+                  local=None, kernel=None):
+  """`_sweep` by the Mosaic GPU kernel over plan.num_segments equal segments, run as B * N
+  independent sequences whose start states come from the Triton pre-pass (or `local`) and a
+  scan over segments (from the last one in reverse). a, b, c [B, T, H, D]; x0 [B, H, D, D] ->
+  (out [B, T, H, D], terminal state [B, H, D, D], the segments' local states or None).
+  `kernel(a, b, c, slope, start, reverse=...)` defaults to the Mosaic kernel (tests pass
+  another)."""
   if kernel is None:  # imported here: Mosaic GPU costs 0.24 s of import for Triton-only users
     from pallas_kernels.lightning import mosaic  # pylint: disable=g-import-not-at-top
-    kernel = mosaic.lightning_attention_forward_mosaic
-  batch, seq_len, heads, dim = q.shape
+    kernel = mosaic.lightning_sweep_mosaic
+  batch, seq_len, heads, dim = a.shape
   num_segments = plan.num_segments
   if num_segments == 1:
-    return kernel(q, k, v, slope, x0)
-  local = _segment_states(k, v, slope, plan, reverse=False, interpret=interpret)  # [B,H,N,D,D]
+    return (*kernel(a, b, c, slope, x0, reverse=reverse), None)
+  if local is None:
+    local = _segment_states(b, c, slope, plan, reverse=reverse, interpret=interpret)
   segment_decay = jnp.exp(-slope * plan.seg_len)[None, :, None, None]
 
-  def step(x, local_n):  # x: the state before segment n
+  def step(x, local_n):  # x: the state before segment n in sweep order
     return segment_decay * x + local_n, x
 
-  _, starts = lax.scan(step, x0, jnp.moveaxis(local, 2, 0))  # [N, B, H, D, D]
+  _, starts = lax.scan(step, x0, jnp.moveaxis(local, 2, 0), reverse=reverse)  # [N, B, H, D, D]
   starts = jnp.moveaxis(starts, 0, 1).reshape(batch * num_segments, heads, dim, dim)
   as_sequences = lambda x: x.reshape(batch * num_segments, plan.seg_len, heads, dim)
-  o, finals = kernel(as_sequences(q), as_sequences(k), as_sequences(v), slope, starts)
-  return o.reshape(q.shape), finals.reshape(batch, num_segments, heads, dim, dim)[:, -1]
+  out, finals = kernel(as_sequences(a), as_sequences(b), as_sequences(c), slope, starts,
+                       reverse=reverse)
+  finals = finals.reshape(batch, num_segments, heads, dim, dim)
+  return out.reshape(a.shape), finals[:, 0 if reverse else -1], local
 
 
-def _forward(q, k, v, slope, x0, plan: _Plan, mosaic_plan: _Plan | None, interpret: bool):
-  """-> (o, final state, the pre-pass's local states for dq or None)."""
+def _sweeper(plan: _Plan, mosaic_plan: _Plan | None, slope, interpret: bool):
+  """The sweep of one pass: `_mosaic_sweep` under mosaic_plan, else the Triton `_sweep`."""
   if mosaic_plan is None:
-    return _sweep(q, k, v, slope, x0, plan, reverse=False, interpret=interpret)
-  return (*_mosaic_forward(q, k, v, slope, x0, mosaic_plan, interpret), None)
+    return functools.partial(_sweep, slope=slope, plan=plan, interpret=interpret)
+  return functools.partial(_mosaic_sweep, slope=slope, plan=mosaic_plan, interpret=interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _lightning(q, k, v, slope, initial_state, plan: _Plan, mosaic_plan: _Plan | None,
-               interpret: bool):
-  o, final_state, _ = _forward(q, k, v, slope, initial_state, plan, mosaic_plan, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _lightning(q, k, v, slope, initial_state, plan: _Plan, forward_mosaic: _Plan | None,
+               backward_mosaic: _Plan | None, interpret: bool):
+  o, final_state, _ = _sweeper(plan, forward_mosaic, slope, interpret)(
+      q, k, v, x0=initial_state, reverse=False)
   return o, final_state
 
 
-def _lightning_fwd(q, k, v, slope, initial_state, plan, mosaic_plan, interpret):
-  o, final_state, local = _forward(q, k, v, slope, initial_state, plan, mosaic_plan, interpret)
+def _lightning_fwd(q, k, v, slope, initial_state, plan, forward_mosaic, backward_mosaic,
+                   interpret):
+  o, final_state, local = _sweeper(plan, forward_mosaic, slope, interpret)(
+      q, k, v, x0=initial_state, reverse=False)
+  if (forward_mosaic or plan) != (backward_mosaic or plan):
+    local = None  # the backward's segments differ: its dq sweep makes its own local states
   return (o, final_state), (q, k, v, slope, initial_state, local)
 
 
-def _lightning_bwd(plan, mosaic_plan, interpret, residuals, cotangents):
-  del mosaic_plan  # the backward is Triton's; without the forward's local states it makes them
+def _lightning_bwd(plan, forward_mosaic, backward_mosaic, interpret, residuals, cotangents):
+  del forward_mosaic
   q, k, v, slope, initial_state, local = residuals
   do, d_final = cotangents
   do = do.astype(q.dtype)
   d_final = d_final.astype(_F32)
-  sweep = functools.partial(_sweep, slope=slope, plan=plan, interpret=interpret)
+  sweep = _sweeper(plan, backward_mosaic, slope, interpret)
   dq, _, _ = sweep(do, v, k, x0=_transpose_state(initial_state), reverse=False,
                    local=_transpose_state(local))
   dv, d_initial, local_reverse = sweep(k, q, do, x0=d_final, reverse=True)
@@ -527,13 +545,19 @@ def lightning_attention_pallas(q, k, v, slope, initial_state=None, *, interpret:
   if initial_state is None:
     initial_state = jnp.zeros((batch, heads, dim, dim), _F32)
   plan = _plan(batch, seq_len, heads, dim, config)
-  mosaic_plan = None
-  if _use_mosaic(q, config, interpret):
-    mosaic_plan = _mosaic_plan(batch, seq_len, heads, dim, config)
-    if config.forward_impl == "auto" and mosaic_plan.num_segments > plan.num_segments == 1:
-      mosaic_plan = None
-  return _lightning(q, k, v, slope.astype(_F32), initial_state.astype(_F32), plan, mosaic_plan,
-                    interpret)
+
+  def mosaic_plan(field):
+    """The Mosaic plan of the forward or backward sweeps, or None for the Triton ones. "auto"
+    keeps Triton where the Mosaic kernel would split the sequence and Triton would not."""
+    if not _use_mosaic(q, config, interpret, field):
+      return None
+    chosen = _mosaic_plan(batch, seq_len, heads, dim, config)
+    if getattr(config, field) == "auto" and chosen.num_segments > plan.num_segments == 1:
+      return None
+    return chosen
+
+  return _lightning(q, k, v, slope.astype(_F32), initial_state.astype(_F32), plan,
+                    mosaic_plan("forward_impl"), mosaic_plan("backward_impl"), interpret)
 
 
 def _decode_kernel(layer_ref, slope_ref, q_ref, k_ref, v_ref, states_ref, o_ref,

@@ -1,19 +1,26 @@
-"""Lightning attention forward as a Mosaic GPU Pallas kernel (Hopper only).
+"""Lightning attention sweeps as a Mosaic GPU Pallas kernel (Hopper only).
 
-Per head with decay lambda = exp(-slope) and a float32 state that includes the current token:
+Per head with decay lambda = exp(-slope), one kernel evaluates the decayed linear recurrence of
+`pallas_kernels.lightning.kernel` over a, b, c [T, D] in either direction:
 
-    S_t = lambda * S_{t-1} + k_t^T v_t,      o_t = q_t S_t.
+    forward:  X_t = lambda X_{t-1} + b_t^T c_t,  out_t = a_t X_t,  X_{-1} = start, returns X_{T-1};
+    reverse:  G_t = lambda G_{t+1} + b_t^T c_t,  out_t = a_t G_t,  lambda G_T = start,
+              returns lambda G_0.
 
-Blockwise with C tokens per block (i, j positions inside the block, X the state before it):
+The forward with (a, b, c) = (q, k, v) is lightning attention (S_t = X_t); the backward is one
+forward and two reverse sweeps (kernel.py's module docstring). Blockwise with C tokens per block
+(i, j positions inside the block, Y the carried state):
 
-    o_blk = [(Q K^T) * M] V + (Q * lambda^(i+1)) X,     M[i, j] = lambda^(i-j) for i >= j else 0,
-    X_new = lambda^C X + K^T (V * lambda^(C-1-j)).
+    forward:  out_blk = [(A B^T) * M] C_blk + (A * lambda^(i+1)) Y,  M[i, j] = lambda^(i-j), i >= j,
+              Y_new = lambda^C Y + B^T (C_blk * lambda^(C-1-j));
+    reverse:  blocks last to first, M[i, j] = lambda^(j-i) for j >= i, A * lambda^(C-1-i),
+              C_blk * lambda^(j+1) (Y = lambda G at the block's end).
 
 This path needs a GPU with compute capability 9.0 (H100, H200): it lowers through Mosaic GPU
-(TMA copies, mbarriers, wgmma), not Triton, and has no interpreter. It is forward only;
-`pallas_kernels.lightning_attention` runs it as its forward on Hopper (splitting long sequences
-with few (batch, head) pairs into segments) and keeps the Triton kernels for the backward and
-everywhere else. Its structure follows jax's FlashAttention-3
+(TMA copies, mbarriers, wgmma), not Triton, and has no interpreter (jax 0.10's Mosaic GPU
+simulator lacks `plgpu.load` and `pl.run_state`). `pallas_kernels.lightning_attention` runs it on
+Hopper (splitting long sequences with few (batch, head) pairs into segments) and keeps the
+Triton kernels everywhere else. Its structure follows jax's FlashAttention-3
 (jax/experimental/pallas/ops/gpu/attention_mgpu.py).
 
 Design:
@@ -28,9 +35,10 @@ Design:
     K^T (V * decay) [D, 64] accumulated onto lambda^C X. The float32 state X [D, 64] lives in
     registers (wgmma accumulator layout) for the whole sweep; its bf16 copy and the decayed
     v slice are rewritten in SMEM each block. o leaves through SMEM and a TMA store.
-  * Per-head decay vectors (lambda^(i+1), -slope i, slope j, lambda^(C-1-j), lambda^C) are
-    computed by XLA and TMA-loaded once; the intra-block mask is exp(min(-slope (i - j), 0))
-    on i >= j, so no power of lambda can overflow.
+  * Per-head decay vectors (forward lambda^(i+1), -slope i, slope j, lambda^(C-1-j), lambda^C;
+    reverse their mirror images) are computed by XLA and TMA-loaded once; the intra-block mask
+    is exp(min(-slope (i - j), 0)) on i >= j (reverse: exp(min(-slope (j - i), 0)) on j >= i),
+    so no power of lambda can overflow.
   * The initial and final states move between registers and HBM directly (no SMEM staging).
 
 SMEM at D = 128, C = 64: 48 KiB per stage (q, k, v) + 64 KiB (state copies, decayed v, o).
@@ -64,30 +72,39 @@ def _load(ref, layout):
   return plgpu.load(ref, layout=layout, optimized=False)
 
 
-def _decay_table(slope, block: int, dim: int):
+def _decay_table(slope, block: int, dim: int, reverse: bool):
   """Per-head vectors [H, 5, max(C, D)] float32 (rows zero-padded to the common length).
 
-  Rows: lambda^(i+1), -slope * i, slope * j, lambda^(C-1-j) (length C) and lambda^C (length D).
+  Rows (length C): the decay of a's rows onto the carried state, the row and column terms of the
+  intra-block log-decay, the decay of c's rows into the new state; then lambda^C (length D).
+  Forward: lambda^(i+1), -slope i, slope j, lambda^(C-1-j); reverse: lambda^(C-1-i), slope i,
+  -slope j, lambda^(j+1).
   """
   width = max(block, dim)
   a = slope.astype(_F32)[:, None]
   pos = jnp.arange(block, dtype=_F32)[None, :]
-  rows = [jnp.exp(-a * (pos + 1)), -a * pos, a * pos, jnp.exp(-a * (block - 1 - pos))]
+  near, far = jnp.exp(-a * (pos + 1)), jnp.exp(-a * (block - 1 - pos))
+  if reverse:
+    rows = [far, a * pos, -a * pos, near]
+  else:
+    rows = [near, -a * pos, a * pos, far]
   rows = [jnp.pad(r, ((0, 0), (0, width - block))) for r in rows]
   rows.append(jnp.broadcast_to(jnp.exp(-a * block), (a.shape[0], dim)))
   rows[-1] = jnp.pad(rows[-1], ((0, 0), (0, width - dim)))
   return jnp.stack(rows, axis=1)
 
 
-def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
-  """q, k, v [B, T, H, D] bf16; table [H, 5, L] f32; x0 [B, H, D, D] f32 ->
-  (o [B, T, H, D] bf16, final state [B, H, D, D] f32)."""
+def _sweep(q, k, v, table, x0, *, block: int, num_stages: int, reverse: bool):
+  """q, k, v (the sweep's a, b, c) [B, T, H, D] bf16; table [H, 5, L] f32; x0 [B, H, D, D] f32
+  -> (out [B, T, H, D] bf16, final state [B, H, D, D] f32)."""
   batch, seq_len, heads, dim = q.shape
   width = table.shape[-1]
   vt = _VALUE_TILE
   num_wg = dim // vt  # compute warpgroups
   num_blocks = seq_len // block
   stages = min(num_stages, num_blocks)
+  # The n-th block of the sweep (last to first in reverse); n is a Python or a traced int.
+  block_of = (lambda n: num_blocks - 1 - n) if reverse else (lambda n: n)
   wgmma_layout = plgpu.Layout.WGMMA
   rows_layout = plgpu.Layout.WGMMA.reduce(1)  # a [M] vector broadcast along dimension 1
   cols_layout = plgpu.Layout.WGMMA.reduce(0)  # an [N] vector broadcast along dimension 0
@@ -109,7 +126,7 @@ def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
       xs_smem.at[wg][...] = x.astype(_BF16)
       plgpu.barrier_wait(table_bar.at[wg])
       vecs = table_smem.at[wg]
-      row_decay = _load(vecs.at[0, pl.ds(0, block)], rows_layout)  # lambda^(i+1)
+      row_decay = _load(vecs.at[0, pl.ds(0, block)], rows_layout)  # lambda^(i+1) (forward)
       row_log = _load(vecs.at[1, pl.ds(0, block)], rows_layout)  # -slope * i
       col_log = _load(vecs.at[2, pl.ds(0, block)], cols_layout)  # slope * j
       key_decay = _load(vecs.at[3, pl.ds(0, block)], rows_layout)  # lambda^(C-1-j)
@@ -137,7 +154,7 @@ def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
         j = plgpu.broadcasted_iota(jnp.int32, (block, block), 1, layout=wgmma_layout)
         gap_log = (lax.broadcast_in_dim(row_log, (block, block), [0])
                    + lax.broadcast_in_dim(col_log, (block, block), [1]))
-        mask = jnp.where(i >= j, jnp.exp(jnp.minimum(gap_log, 0.0)), 0.0)
+        mask = jnp.where(j >= i if reverse else i >= j, jnp.exp(jnp.minimum(gap_log, 0.0)), 0.0)
         p = (s * mask).astype(_BF16)
         o_init = qx * lax.broadcast_in_dim(row_decay, (block, vt), [0])
         x_init = x * lax.broadcast_in_dim(block_decay, (dim, vt), [0])
@@ -153,7 +170,8 @@ def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous block's o left o_smem
         o_smem.at[wg][...] = o.astype(_BF16)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_smem.at[wg], o_ref.at[b, pl.ds(n * block, block), h, cols])
+        plgpu.copy_smem_to_gmem(o_smem.at[wg],
+                                o_ref.at[b, pl.ds(block_of(n) * block, block), h, cols])
         return x
 
       x = lax.fori_loop(0, num_blocks, body, x)
@@ -166,7 +184,7 @@ def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
         plgpu.set_max_registers(40, action="decrease")
 
       def issue(n, slot):
-        rows = pl.ds(n * block, block)
+        rows = pl.ds(block_of(n) * block, block)
         plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem.at[slot], q_bar.at[slot])
         plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_smem.at[slot], k_bar.at[slot])
         for w in range(num_wg):
@@ -218,26 +236,30 @@ def _forward(q, k, v, table, x0, *, block: int, num_stages: int):
   )(q, k, v, table, x0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_size", "num_stages"))
-def lightning_attention_forward_mosaic(q, k, v, slope, initial_state=None, *,
-                                       block_size: int = 64, num_stages: int = 2):
-  """Lightning attention forward on Hopper through Mosaic GPU (not differentiable).
+@functools.partial(jax.jit, static_argnames=("reverse", "block_size", "num_stages"))
+def lightning_sweep_mosaic(a, b, c, slope, start=None, *, reverse: bool = False,
+                           block_size: int = 64, num_stages: int = 2):
+  """One lightning sweep (module docstring) on Hopper through Mosaic GPU (not differentiable).
+  With (a, b, c) = (q, k, v) and reverse=False it is the lightning attention forward.
 
   Args:
-    q, k, v: [B, T, H, D] bfloat16, D in {64, 128}, T a multiple of block_size.
+    a, b, c: [B, T, H, D] bfloat16, D in {64, 128}, T a multiple of block_size.
     slope: [H]; the decay per token is exp(-slope).
-    initial_state: [B, H, D, D] (float32 accumulation) or None for zeros.
+    start: [B, H, D, D] (float32 accumulation) or None for zeros: the initial state X_{-1}
+      (forward) or lambda G_T (reverse).
+    reverse: sweep from the last token to the first.
     block_size: tokens per block C, 64 or 128.
-    num_stages: SMEM slots for the q, k, v blocks (loads run up to this many blocks ahead).
+    num_stages: SMEM slots for the a, b, c blocks (loads run up to this many blocks ahead).
 
   Returns:
-    o [B, T, H, D] bfloat16 and the final state [B, H, D, D] float32.
+    out [B, T, H, D] bfloat16 and the final state [B, H, D, D] float32 (X_{T-1} forward,
+    lambda G_0 reverse).
   """
-  if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
-    raise ValueError(f"q, k, v must all be [B, T, H, D]; got {q.shape}, {k.shape}, {v.shape}")
-  if any(jnp.dtype(x.dtype) != jnp.dtype(_BF16) for x in (q, k, v)):
-    raise ValueError(f"q, k, v must be bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
-  batch, seq_len, heads, dim = q.shape
+  if a.ndim != 4 or a.shape != b.shape or a.shape != c.shape:
+    raise ValueError(f"a, b, c must all be [B, T, H, D]; got {a.shape}, {b.shape}, {c.shape}")
+  if any(jnp.dtype(x.dtype) != jnp.dtype(_BF16) for x in (a, b, c)):
+    raise ValueError(f"a, b, c must be bfloat16; got {a.dtype}, {b.dtype}, {c.dtype}")
+  batch, seq_len, heads, dim = a.shape
   if dim not in (64, 128):
     raise ValueError(f"head dim D must be 64 or 128; got {dim}")
   if block_size not in (64, 128):
@@ -248,11 +270,11 @@ def lightning_attention_forward_mosaic(q, k, v, slope, initial_state=None, *,
     raise ValueError(f"num_stages must be >= 1; got {num_stages}")
   if slope.shape != (heads,):
     raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
-  if initial_state is None:
-    initial_state = jnp.zeros((batch, heads, dim, dim), _F32)
-  elif initial_state.shape != (batch, heads, dim, dim):
-    raise ValueError(f"initial_state must be [B, H, D, D]={[batch, heads, dim, dim]}; got "
-                     f"{initial_state.shape}")
-  table = _decay_table(slope, block_size, dim)
-  return _forward(q, k, v, table, initial_state.astype(_F32), block=block_size,
-                  num_stages=num_stages)
+  if start is None:
+    start = jnp.zeros((batch, heads, dim, dim), _F32)
+  elif start.shape != (batch, heads, dim, dim):
+    raise ValueError(f"start must be [B, H, D, D]={[batch, heads, dim, dim]}; got "
+                     f"{start.shape}")
+  table = _decay_table(slope, block_size, dim, reverse)
+  return _sweep(a, b, c, table, start.astype(_F32), block=block_size, num_stages=num_stages,
+                reverse=reverse)

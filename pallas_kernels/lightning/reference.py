@@ -59,6 +59,31 @@ def lightning_attention_recurrent(q, k, v, slope, initial_state=None):
   return jnp.swapaxes(o, 0, 1).astype(q.dtype), state
 
 
+def lightning_sweep_recurrent(a, b, c, slope, start=None, *, reverse: bool = False):
+  """One sweep of the kernels' decayed recurrence, token by token (the ground truth of
+  `pallas_kernels.lightning.kernel`'s sweeps): forward X_t = lambda X_{t-1} + b_t^T c_t,
+  out_t = a_t X_t from X_{-1} = start, returning X_{T-1}; reverse G_t = lambda G_{t+1} +
+  b_t^T c_t, out_t = a_t G_t from lambda G_T = start, returning lambda G_0.
+
+  a, b, c [B, T, H, D]; slope [H]; start [B, H, D, D] or None -> (out [B, T, H, D] in a.dtype,
+  final state [B, H, D, D] float32). reverse=False is `lightning_attention_recurrent`.
+  """
+  if not reverse:
+    return lightning_attention_recurrent(a, b, c, slope, start)
+  _check_inputs(a, b, c, slope, start)
+  carried = _zero_state(a) if start is None else start.astype(jnp.float32)  # lambda G_{t+1}
+  decay = jnp.exp(-slope.astype(jnp.float32))[None, :, None, None]
+
+  def step(carried, abc_t):
+    a_t, b_t, c_t = abc_t
+    g = carried + jnp.einsum("bhd,bhe->bhde", b_t, c_t, precision=_HI)
+    return decay * g, jnp.einsum("bhd,bhde->bhe", a_t, g, precision=_HI)
+
+  time_major = [jnp.swapaxes(x.astype(jnp.float32), 0, 1) for x in (a, b, c)]
+  carried, out = jax.lax.scan(step, carried, time_major, reverse=True)
+  return jnp.swapaxes(out, 0, 1).astype(a.dtype), carried
+
+
 def lightning_attention_quadratic(q, k, v, slope, initial_state=None):
   """Masked decay matrix form, O(T^2) memory. Same signature as the recurrent reference."""
   _check_inputs(q, k, v, slope, initial_state)

@@ -7,6 +7,7 @@ the decay sums); bfloat16 inputs 1e-2 (matmul operands and outputs rounded to bf
 relative each).
 """
 
+import dataclasses
 import functools
 import importlib
 
@@ -132,37 +133,113 @@ def test_vjp_prepass_variants(config):
   _check_vjp(jnp.float32, batch=1, seq_len=75, dim=16, config=config, interpret=True)
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("batch, seq_len, min_programs, num_segments",
                          [(2, 256, 24, 4), (2, 192, 12, 1), (1, 320, 1, 1)])
-def test_mosaic_segments_vs_recurrent(batch, seq_len, min_programs, num_segments):
-  """The Mosaic forward's segment split (pre-pass, scan of start states, B * N sequences), here
+def test_mosaic_segments_vs_recurrent(batch, seq_len, min_programs, num_segments, reverse):
+  """The Mosaic sweeps' segment split (pre-pass, scan of start states, B * N sequences), here
   with the recurrence standing in for the Mosaic kernel (which has no interpreter)."""
-  q, k, v, slope, state = _inputs(6, batch, seq_len, 32, jnp.float32)
+  a, b, c, slope, start = _inputs(6, batch, seq_len, 32, jnp.float32)
   plan = kernel_module._mosaic_plan(batch, seq_len, len(SLOPES), 32,
                                     KernelConfig(min_programs=min_programs))
   assert plan.num_segments == num_segments
-  o, final = kernel_module._mosaic_forward(q, k, v, slope, state, plan, interpret=True,
-                                           kernel=reference.lightning_attention_recurrent)
-  o_ref, final_ref = reference.lightning_attention_recurrent(q, k, v, slope, state)
-  assert _rel_err(o, o_ref) <= TOL[jnp.float32]
+  out, final, local = kernel_module._mosaic_sweep(
+      a, b, c, slope, start, plan, reverse=reverse, interpret=True,
+      kernel=reference.lightning_sweep_recurrent)
+  out_ref, final_ref = reference.lightning_sweep_recurrent(a, b, c, slope, start,
+                                                           reverse=reverse)
+  assert _rel_err(out, out_ref) <= TOL[jnp.float32]
   assert _rel_err(final, final_ref) <= TOL[jnp.float32]
+  assert (local is None) == (num_segments == 1)
 
 
-def test_mosaic_forward_lowers_for_cuda():
-  """The Mosaic path lowers on CPU for CUDA: the Triton pre-pass and the Mosaic GPU kernel."""
+def test_reverse_sweep_reference_is_the_mirrored_forward():
+  """lightning_sweep_recurrent(reverse=True) is the forward sweep of the time-reversed inputs
+  from lambda^-1 * start (G_T = start / lambda), its final state times lambda."""
+  a, b, c, slope, start = _inputs(7, 1, 9, 8, jnp.float32)
+  decay = jnp.exp(-slope)[None, :, None, None]
+  flip = lambda x: x[:, ::-1]
+  out, final = reference.lightning_sweep_recurrent(a, b, c, slope, start, reverse=True)
+  out_m, final_m = reference.lightning_attention_recurrent(flip(a), flip(b), flip(c), slope,
+                                                           start / decay)
+  assert _rel_err(out, flip(out_m)) <= TOL[jnp.float32]
+  assert _rel_err(final, decay * final_m) <= TOL[jnp.float32]
+
+
+@pytest.mark.parametrize("forward_mosaic, backward_mosaic",
+                         [(True, True), (True, False), (False, True)],
+                         ids=["both", "forward", "backward"])
+def test_mosaic_backward_composition_vs_recurrent(monkeypatch, forward_mosaic, backward_mosaic):
+  """The custom_vjp with the Mosaic path in the forward and/or the backward (three sweeps over
+  4 segments, the dq sweep reusing the forward's local states when both use the Mosaic plan),
+  the recurrence standing in for the Mosaic kernel: gradients of q, k, v and the initial state
+  equal the recurrence's autodiff."""
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  monkeypatch.setattr(mosaic, "lightning_sweep_mosaic", reference.lightning_sweep_recurrent)
+  batch, seq_len, dim = 2, 256, 16
+  q, k, v, slope, state = _inputs(8, batch, seq_len, dim, jnp.float32)
+  plan = kernel_module._plan(batch, seq_len, len(SLOPES), dim,
+                             KernelConfig(block_size=32, value_tile=16, segment_len=96))
+  mosaic_plan = kernel_module._mosaic_plan(batch, seq_len, len(SLOPES), dim,
+                                           KernelConfig(min_programs=24))
+  assert (plan.num_segments, mosaic_plan.num_segments) == (3, 4)
+  keys = jax.random.split(jax.random.key(9), 2)
+  d_o = jax.random.normal(keys[0], q.shape, jnp.float32)
+  d_final = jax.random.normal(keys[1], state.shape, jnp.float32)
+
+  def fn(q, k, v, state):
+    return kernel_module._lightning(q, k, v, slope, state, plan,
+                                    mosaic_plan if forward_mosaic else None,
+                                    mosaic_plan if backward_mosaic else None, True)
+
+  outs, vjp = jax.vjp(fn, q, k, v, state)
+  outs_ref, vjp_ref = jax.vjp(
+      lambda *x: reference.lightning_attention_recurrent(x[0], x[1], x[2], slope, x[3]),
+      q, k, v, state)
+  for got, want in zip(outs, outs_ref):
+    assert _rel_err(got, want) <= TOL[jnp.float32]
+  for name, got, want in zip(("dq", "dk", "dv", "d initial_state"), vjp((d_o, d_final)),
+                             vjp_ref((d_o, d_final))):
+    assert _rel_err(got, want) <= TOL[jnp.float32], name
+
+
+def _num_mosaic_kernels(text: str) -> int:
+  """Calls of the jitted Mosaic sweep (identical calls share one lowered function, so its
+  custom calls undercount)."""
+  return text.count("call @lightning_sweep_mosaic")
+
+
+@pytest.mark.parametrize("min_programs, num_segments", [(4, 2), (1, 1)])
+def test_mosaic_forward_and_backward_lower_for_cuda(monkeypatch, min_programs, num_segments):
+  """The Mosaic path lowers on CPU for CUDA, forward and reverse kernels: the forward is one
+  Mosaic GPU kernel (and a Triton pre-pass with segments); with backward_impl="mosaic" the
+  backward adds three and one pre-pass (dv's: dq reuses the forward's local states, dk dv's)."""
+  monkeypatch.setattr(kernel_module, "is_hopper", lambda: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   batch, seq_len, heads, dim = 1, 256, 2, 128
   x = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), jnp.bfloat16)
   slope = jax.ShapeDtypeStruct((heads,), jnp.float32)
   state = jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)
-  plan = kernel_module._mosaic_plan(batch, seq_len, heads, dim, KernelConfig(min_programs=4))
-  assert plan.num_segments == 2
+  config = KernelConfig(min_programs=min_programs, forward_impl="mosaic",
+                        backward_impl="mosaic")
+  assert kernel_module._mosaic_plan(batch, seq_len, heads, dim, config).num_segments == (
+      num_segments)
 
   def forward(q, k, v, slope, state):
-    return kernel_module._mosaic_forward(q, k, v, slope, state, plan, interpret=False)
+    return lightning_attention(q, k, v, slope, state, config=config)
 
-  text = jax.jit(forward).trace(x, x, x, slope, state).lower(
-      lowering_platforms=("cuda",)).as_text()
-  assert text.count("xla.gpu.triton") == 1 and "mosaic_gpu" in text
+  def fwd_bwd(q, k, v, slope, state):
+    outs, vjp = jax.vjp(lambda *a: forward(*a, slope, state), q, k, v)
+    return vjp(outs)
+
+  def lowered(fn):
+    return jax.jit(fn).trace(x, x, x, slope, state).lower(lowering_platforms=("cuda",)).as_text()
+
+  prepasses = int(num_segments > 1)
+  text = lowered(forward)
+  assert _num_mosaic_kernels(text) == 1 and text.count("xla.gpu.triton") == prepasses
+  text = lowered(fwd_bwd)
+  assert _num_mosaic_kernels(text) == 4 and text.count("xla.gpu.triton") == 2 * prepasses
 
 
 def test_mosaic_plan_segments():
@@ -182,6 +259,11 @@ def test_forward_impl_selection():
   with pytest.raises(ValueError, match="multiple of 64"):
     kernel_module._use_mosaic(q[:, :100], KernelConfig(forward_impl="mosaic"), interpret=True)
   assert not kernel_module._use_mosaic(q, KernelConfig(forward_impl="triton"), interpret=False)
+  # The backward's choice by its own field: "triton" by default, "mosaic" checked the same way.
+  assert not kernel_module._use_mosaic(q, KernelConfig(), interpret=False, field="backward_impl")
+  with pytest.raises(ValueError, match="backward_impl='mosaic' needs compiled mode"):
+    kernel_module._use_mosaic(q, KernelConfig(backward_impl="mosaic"), interpret=True,
+                              field="backward_impl")
 
 
 def test_plan_parts():
@@ -214,7 +296,7 @@ def test_decode_chain_matches_forward():
 
 
 @pytest.mark.parametrize("case", ["shape", "dtype", "dim", "slope", "state", "block", "split",
-                                  "stages", "forward_impl"])
+                                  "stages", "forward_impl", "backward_impl"])
 def test_bad_inputs_raise(case):
   q, k, v, slope, state = _inputs(4, 1, 8, 16, jnp.float32)
   config = CPU_SEGMENTED
@@ -234,8 +316,10 @@ def test_bad_inputs_raise(case):
     config = KernelConfig(state_split=0)
   elif case == "stages":
     config = KernelConfig(state_num_stages=0)
-  else:
+  elif case == "forward_impl":
     config = KernelConfig(forward_impl="cuda")
+  else:
+    config = KernelConfig(backward_impl="fla")
   with pytest.raises(ValueError):
     lightning_attention(q, k, v, slope, state, interpret=True, config=config)
 
@@ -345,7 +429,7 @@ def test_gpu_decode_matches_reference(dtype, dim):
 
 
 requires_hopper = pytest.mark.skipif(not kernel_module.is_hopper(),
-                                     reason="the Mosaic GPU forward needs compute capability 9.x")
+                                     reason="the Mosaic GPU kernel needs compute capability 9.x")
 
 MOSAIC_CONFIGS = [KernelConfig(forward_impl="mosaic"),  # B * H = 6: 5 segments of 64 tokens
                   KernelConfig(forward_impl="mosaic", min_programs=1)]  # one segment
@@ -363,6 +447,33 @@ def test_gpu_mosaic_forward_matches_recurrent(dim, config):
 
 @pytest.mark.gpu
 @requires_hopper
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dim, block_size", [(64, 64), (128, 64), (128, 128)])
+def test_gpu_mosaic_sweep_matches_recurrent(reverse, dim, block_size):
+  """The Mosaic kernel alone, both directions, with a start state: 3 blocks of 128 or 6 of 64
+  (more blocks than SMEM stages)."""
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  a, b, c, slope, start = _inputs(10, 2, 384, dim, jnp.bfloat16)
+  out, final = mosaic.lightning_sweep_mosaic(a, b, c, slope, start, reverse=reverse,
+                                             block_size=block_size)
+  out_ref, final_ref = reference.lightning_sweep_recurrent(a, b, c, slope, start,
+                                                           reverse=reverse)
+  assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32
+  assert _rel_err(out, out_ref) <= TOL[jnp.bfloat16]
+  assert _rel_err(final, final_ref) <= TOL[jnp.bfloat16]
+
+
+@pytest.mark.gpu
+@requires_hopper
+@pytest.mark.parametrize("backward_impl", ["triton", "mosaic"])
 @pytest.mark.parametrize("config", MOSAIC_CONFIGS, ids=["segments", "one"])
-def test_gpu_vjp_after_mosaic_forward(config):
+def test_gpu_vjp_after_mosaic_forward(config, backward_impl):
+  config = dataclasses.replace(config, backward_impl=backward_impl)
   _check_vjp(jnp.bfloat16, batch=2, seq_len=320, dim=128, config=config, interpret=False)
+
+
+@pytest.mark.gpu
+@requires_hopper
+def test_gpu_mosaic_backward_at_d64():
+  config = KernelConfig(forward_impl="mosaic", backward_impl="mosaic")
+  _check_vjp(jnp.bfloat16, batch=2, seq_len=320, dim=64, config=config, interpret=False)
