@@ -203,6 +203,41 @@ def test_mosaic_backward_composition_vs_recurrent(monkeypatch, forward_mosaic, b
     assert _rel_err(got, want) <= TOL[jnp.float32], name
 
 
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_mosaic_decay_table_drives_the_blockwise_sweep(reverse):
+  """The Mosaic kernel's per-block arithmetic, written out in jnp with its decay table (rows:
+  a's decay onto the state, the row and column log-decay terms, c's decay into the state,
+  lambda^C), blocks in the kernel's order and its mask: equals the recurrence. The kernel itself
+  has no interpreter; this pins the table and the block order it relies on."""
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  block, dim, num_blocks = 64, 16, 3
+  a, b, c, slope, start = _inputs(11, 1, block * num_blocks, dim, jnp.float32)
+  table = mosaic._decay_table(slope, block, dim, reverse)  # [H, 5, max(C, D)]
+  i, j = np.arange(block)[:, None], np.arange(block)[None, :]
+  outs, states = [None] * num_blocks, []
+  for h in range(len(SLOPES)):
+    row_decay, row_log, col_log, c_decay = (table[h, r, :block] for r in range(4))
+    block_decay = table[h, 4, :dim]
+    mask = jnp.where(j >= i if reverse else i >= j,
+                     jnp.exp(jnp.minimum(row_log[:, None] + col_log[None, :], 0.0)), 0.0)
+    y = start[0, h]
+    per_head = [None] * num_blocks
+    for n in range(num_blocks):
+      blk = num_blocks - 1 - n if reverse else n
+      rows = slice(blk * block, (blk + 1) * block)
+      a_blk, b_blk, c_blk = a[0, rows, h], b[0, rows, h], c[0, rows, h]
+      hi = jax.lax.Precision.HIGHEST
+      per_head[blk] = (jnp.dot(jnp.dot(a_blk, b_blk.T, precision=hi) * mask, c_blk, precision=hi)
+                       + jnp.dot(a_blk * row_decay[:, None], y, precision=hi))
+      y = block_decay[:, None] * y + jnp.dot(b_blk.T, c_blk * c_decay[:, None], precision=hi)
+    outs[h] = jnp.concatenate(per_head)
+    states.append(y)
+  out_ref, final_ref = reference.lightning_sweep_recurrent(a, b, c, slope, start,
+                                                           reverse=reverse)
+  assert _rel_err(jnp.stack(outs, axis=1)[None], out_ref) <= TOL[jnp.float32]
+  assert _rel_err(jnp.stack(states)[None], final_ref) <= TOL[jnp.float32]
+
+
 def _num_mosaic_kernels(text: str) -> int:
   """Calls of the jitted Mosaic sweep (identical calls share one lowered function, so its
   custom calls undercount)."""
