@@ -6,7 +6,9 @@ goes, and the same step on longer sequences and several meshes.
 
 --shapes lists rows x tokens per step (each sequence 1/8 prompt, 7/8 response); the first shape
 gets the component breakdown and the grouped-GEMM rates, and --variants (ModelConfig switches
-timed beside the base on the first shape and mesh). --long_remat applies to shapes of more
+timed beside the base on the first shape and mesh), and --compiler_options (sets of XLA
+options, each timed beside the base the same way, e.g. to weigh compile time against step time:
+"xla_gpu_autotune_level=0;xla_gpu_enable_triton_gemm=false"). --long_remat applies to shapes of more
 than 4096 tokens per sequence. Meshes are `axis=size,...` separated by `;` (axes: data, fsdp,
 tensor, expert). --head_precisions times the trainer's LM head + log-probs under each
 lm_head_precision on the first shape's hidden states and compares the log-probs of sampled
@@ -38,6 +40,9 @@ _VARIANTS = flags.DEFINE_string(
     "variants", "", "';'-separated ModelConfig changes, each ','-separated name=value (e.g. "
     "\"lm_head_grad_precision=bf16_3x;remat_policy=dots_saveable\"), each timed after the base "
     "on the first shape and mesh, in the same process.")
+_COMPILER_OPTIONS = flags.DEFINE_string(
+    "compiler_options", "", "';'-separated sets of XLA compiler options, each ','-separated "
+    "name=value, each timed after the base on the first shape and mesh (label xla:...).")
 _HEAD_PRECISIONS = flags.DEFINE_list(
     "head_precisions", [], "lm_head_precision values to time and compare against the first "
     "(e.g. highest,bf16_3x), on the first shape; empty: none.")
@@ -53,6 +58,10 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "results/train_step", "CSV and table f
 def main(argv):
   del argv
   variants = reporting.model_variants(_VARIANTS.value)  # a misspelled field stops here
+  try:
+    option_sets = reporting.compiler_option_sets(_COMPILER_OPTIONS.value)
+  except ValueError as e:
+    raise app.UsageError(f"--compiler_options: {e}") from None
   unknown = sorted(set(_HEAD_PRECISIONS.value) - set(config.LM_HEAD_PRECISIONS))
   if unknown:
     raise app.UsageError(f"--head_precisions: unknown {unknown}; choose from "
@@ -75,12 +84,15 @@ def main(argv):
       size = 1
       for n in mesh.values():
         size *= n
-      variant_list = [{}] + (variants if i == 0 and mesh == meshes[0] else [])
-      for changes in variant_list:
-        label = reporting.describe_overrides(changes)
+      first = i == 0 and mesh == meshes[0]
+      variant_list = ([({}, {})] + [(changes, {}) for changes in variants if first]
+                      + [({}, options) for options in option_sets if first])
+      for changes, options in variant_list:
+        label = reporting.describe_overrides(changes) or (
+            "xla:" + reporting.describe_overrides(options) if options else "")
         result = benchmark.time_step(cfg.replace(**changes), params, batch, mesh,
                                      jax.devices()[:size], _PEAK_TFLOPS.value * 1e12,
-                                     variant=label)
+                                     variant=label, compiler_options=options)
         log(f"{shape} {result.mesh} {label or 'base'}: {result.step_ms:.1f} ms, "
             f"{result.tokens_per_s:.0f} tokens/s, MFU {100 * result.mfu:.1f}%, compile "
             f"{result.compile_s:.1f} s, peak {result.peak_gib:.1f} GiB (remat "

@@ -13,6 +13,7 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from m1jax.analysis.tables import markdown_table, write_csv
 
@@ -111,6 +112,42 @@ def model_variants(spec: str) -> list[dict]:
   """"a=1,b=x;c=2" -> [{"a": 1, "b": "x"}, {"c": 2}]: ';'-separated groups of ModelConfig
   changes, each checked by model_overrides."""
   return [model_overrides(group.split(",")) for group in spec.split(";") if group]
+
+
+def _option_value(text: str):
+  """An XLA option's value: true/false (any case) as a bool, integers and floats as numbers,
+  anything else as the string (XLA's own flag parser takes bools only as Python bools)."""
+  if text.lower() in ("true", "false"):
+    return text.lower() == "true"
+  for kind in (int, float):
+    try:
+      return kind(text)
+    except ValueError:
+      pass
+  return text
+
+
+def compiler_option_sets(spec: str) -> list[dict]:
+  """"xla_a=0,xla_b=false;xla_c=1" -> [{"xla_a": 0, "xla_b": False}, {"xla_c": 1}]:
+  ';'-separated groups of XLA compiler options (`jax.stages.Lowered.compile(compiler_options)`).
+  Each name is checked by compiling a trivial program with it, so a misspelled option stops
+  here rather than after a long compile."""
+  sets = []
+  for group in spec.split(";"):
+    if not group:
+      continue
+    options = {}
+    for item in group.split(","):
+      name, sep, value = item.partition("=")
+      if not sep or not name.strip():
+        raise ValueError(f"compiler option {item!r}: expected name=value")
+      options[name.strip()] = _option_value(value.strip())
+    try:
+      jax.jit(lambda x: x + 1).lower(jnp.zeros(())).compile(compiler_options=options)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"compiler options {group!r}: {str(e).splitlines()[0]}") from None
+    sets.append(options)
+  return sets
 
 
 def describe_overrides(changes: dict, sep: str = ",") -> str:

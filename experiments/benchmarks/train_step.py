@@ -87,9 +87,10 @@ def _peak_gib(compiled) -> float:
 
 
 def time_step(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], devices,
-              peak_flops_per_device: float, steps: int = 5, variant: str = "") -> StepResult:
-  """Compiles rl_update for `mesh_shape` over `devices` (timed), runs it once from the common
-  starting state, then times `steps` steps (median)."""
+              peak_flops_per_device: float, steps: int = 5, variant: str = "",
+              compiler_options: Mapping[str, str] | None = None) -> StepResult:
+  """Compiles rl_update for `mesh_shape` over `devices` (timed; with XLA `compiler_options`),
+  runs it once from the common starting state, then times `steps` steps (median)."""
   mesh = sharding.make_mesh(dict(mesh_shape), devices)
   optimizer = make_optimizer()
   shardings = state_lib.state_shardings(cfg, optimizer, mesh)
@@ -101,7 +102,8 @@ def time_step(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], de
                    in_shardings=(shardings, None), out_shardings=(shardings, None),
                    donate_argnums=0)
     start = time.perf_counter()
-    compiled = step.lower(state, batch_d).compile()
+    compiled = step.lower(state, batch_d).compile(compiler_options=dict(compiler_options or {})
+                                                  or None)
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch_d)  # the first step, from the common starting state
     first = jax.device_get(metrics)
