@@ -40,10 +40,14 @@ def _module(cfg: ModelConfig) -> Transformer:
 
 
 def _abstract_variables(cfg: ModelConfig):
+  """The variables' shapes, from tracing the module's init on one token. The trace takes the
+  jnp lightning path: the kernels' choices (e.g. lightning_kernel.forward_impl="mosaic", which
+  needs T a multiple of 64) do not shape the params and must not refuse the 1-token probe."""
   tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  module = _module(cfg.replace(lightning_impl="blockwise"))
   return jax.eval_shape(
-      lambda t: _module(cfg).init(jax.random.key(0), t, jnp.zeros((1, 1), jnp.int32),
-                                  compute_logits=False), tokens)
+      lambda t: module.init(jax.random.key(0), t, jnp.zeros((1, 1), jnp.int32),
+                            compute_logits=False), tokens)
 
 
 def abstract_params(cfg: ModelConfig) -> dict[str, Any]:

@@ -303,6 +303,21 @@ def test_456b_preset_counts_without_allocating():
       counts["embedding"] + counts["lm_head"] + counts["final_norm"] == counts["total"]
 
 
+def test_params_do_not_depend_on_the_kernels_choice(monkeypatch):
+  """On a (pretended) Hopper GPU with every lightning sweep forced onto the Mosaic kernel, which
+  needs T a multiple of 64, the params' shapes (traced on one token) and specs still come out,
+  equal to the default config's."""
+  from pallas_kernels.lightning import kernel  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(kernel, "is_hopper", lambda: True)
+  base = config.preset("tiny", dtype="bfloat16", attention_impl="xla")
+  forced = base.replace(lightning_kernel=config.KernelConfig(forward_impl="mosaic",
+                                                             backward_impl="mosaic"))
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), model.abstract_params(forced)) == (
+      jax.tree.map(lambda x: (x.shape, x.dtype), model.abstract_params(base)))
+  assert model.logical_axes(forced) == model.logical_axes(base)
+
+
 def test_small_preset_is_within_its_size_class():
   counts = model.param_counts(config.preset("small"))
   assert 0.5e9 <= counts["total"] <= 1.0e9
