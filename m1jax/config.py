@@ -28,7 +28,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 MOE_IMPLS = ("ragged", "dense")
 MOE_GEMM_IMPLS = GROUPED_MATMUL_IMPLS
-REMAT_POLICIES = ("none", "full", "dots_saveable")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "save_matmuls")
 SLOPE_CONVENTIONS = ("original", "transformers")
 # How a float32 LM head multiplies (lm_head_precision): "highest" is true float32 arithmetic;
 # the others are XLA dot algorithms that run float32 operands on the bf16 (or tf32) tensor cores
@@ -144,6 +144,12 @@ class ModelConfig:
   moe_dense_decode_rows: int = 512
   # None: dropless. Else capacity = cf * tokens * k / E per expert.
   moe_capacity_factor: float | None = None
+  # Recomputation in each decoder layer's backward: "none" keeps every residual, "full" keeps
+  # only the layer's input, "dots_saveable" jax's dots_with_no_batch_dims_saveable (on a GPU the
+  # projections are custom_vjp calls that policy does not see: nearly "full"), "save_matmuls"
+  # keeps the named outputs of the projections, expert GEMMs and attention kernels
+  # (common.SAVED_BY_SAVE_MATMULS, bf16 at bf16 compute) and recomputes norms, activations and
+  # casts.
   remat_policy: str = "none"
   # Layer groups per iteration of the layer scan: 1 is a loop over the groups; a value that
   # divides num_layer_groups into one trip (num_layer_groups itself) is straight-line code, with

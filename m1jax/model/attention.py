@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from m1jax.config import ModelConfig
 from m1jax.model import common
@@ -98,7 +99,8 @@ class SoftmaxAttention(nn.Module):
                                             (layer, 0, index, 0, 0))
       new_kv = (keys, values)
     if kv_cache is None or self.fresh_cache:
-      o = causal_attention(q, k, v, token_mask, scale, _implementation(cfg, dtype))
+      o = checkpoint_name(causal_attention(q, k, v, token_mask, scale, _implementation(cfg, dtype)),
+                          common.ATTENTION_OUTPUT)
     else:
       if h.shape[1] == 1:  # decode: every filled slot is in the past (the cache may be a ring)
         mask = slot_mask[:, None, None, :]

@@ -8,6 +8,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 # Activation axis names (parameter axis names are listed with each parameter).
 BATCH, LENGTH, EMBED = "activation_batch", "activation_length", "activation_embed"
@@ -26,16 +27,27 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   return nn.with_logical_constraint(x, tuple(axes))
 
 
+# Names of the values remat_policy="save_matmuls" keeps for the backward (jax.ad_checkpoint):
+# every projection's and expert GEMM's output and the attention kernels' outputs.
+MATMUL_OUTPUT = "matmul"
+EXPERT_MATMUL_OUTPUT = "expert_matmul"
+ATTENTION_OUTPUT = "attention_out"  # the lightning kernel's o and softmax attention's o
+SAVED_BY_SAVE_MATMULS = (MATMUL_OUTPUT, EXPERT_MATMUL_OUTPUT, ATTENTION_OUTPUT)
+
+
 def matmul(equation: str, x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
   """einsum in `dtype` (inputs cast), float32 accumulation; on a GPU the gradients' products too.
+  The output is named MATMUL_OUTPUT for remat policies.
 
   equation: two operands, every index of each also in the other or the output (a matmul with
   batch axes), e.g. "bte,ehd->bthd".
   """
   x, kernel = x.astype(dtype), kernel.astype(dtype)
   if gradients_in_operand_dtype():
-    return _accumulating_einsum(equation, x, kernel)
-  return jnp.einsum(equation, x, kernel, preferred_element_type=jnp.float32).astype(dtype)
+    out = _accumulating_einsum(equation, x, kernel)
+  else:
+    out = jnp.einsum(equation, x, kernel, preferred_element_type=jnp.float32).astype(dtype)
+  return checkpoint_name(out, MATMUL_OUTPUT)
 
 
 def gradients_in_operand_dtype() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
 from m1jax.config import ModelConfig
@@ -86,6 +87,7 @@ class LightningAttention(nn.Module):
       o, final = pallas_kernels.lightning_attention(
           q, k, v, slope, initial, impl=cfg.lightning_impl, config=cfg.lightning_kernel,
           interpret=_interpret(), block_size=cfg.block_size)
+      o = checkpoint_name(o, common.ATTENTION_OUTPUT)
       state = (final if state_row is None or state is None
                else jax.lax.dynamic_update_index_in_dim(state, final, state_row, axis=0))
     o = RMSNorm(cfg.lightning_norm_eps, ("heads", "head_dim"), pdtype, name="norm")(o.astype(dtype))

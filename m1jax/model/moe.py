@@ -12,6 +12,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from m1jax.config import ModelConfig
 from m1jax.model import common
@@ -67,14 +68,15 @@ def _swiglu_grouped(xs, w1, w3, w2, group_sizes, dtype, gemm_impl: str, fuse_row
   are (no copy of the weights into one array)."""
   inter = w1.shape[-1]
   xs = xs.astype(dtype)
+  product = lambda a, w: checkpoint_name(grouped_matmul(a, w, group_sizes, impl=gemm_impl),
+                                         common.EXPERT_MATMUL_OUTPUT)
   if xs.shape[0] >= fuse_rows:
     w13 = jnp.concatenate([w1.astype(dtype), w3.astype(dtype)], axis=-1)  # [X, E, 2I]
-    gate_up = grouped_matmul(xs, w13, group_sizes, impl=gemm_impl)
+    gate_up = product(xs, w13)
     gate, up = gate_up[:, :inter], gate_up[:, inter:]
   else:
-    gate = grouped_matmul(xs, w1, group_sizes, impl=gemm_impl)
-    up = grouped_matmul(xs, w3, group_sizes, impl=gemm_impl)
-  return grouped_matmul(jax.nn.silu(gate) * up, w2, group_sizes, impl=gemm_impl)
+    gate, up = product(xs, w1), product(xs, w3)
+  return product(jax.nn.silu(gate) * up, w2)
 
 
 # The dropless path's row permutations with gathers for gradients: XLA differentiates an indexed

@@ -85,6 +85,7 @@ class DecoderLayer(nn.Module):
 _REMAT_POLICIES = {
     "full": None,
     "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_matmuls": jax.checkpoint_policies.save_only_these_names(*common.SAVED_BY_SAVE_MATMULS),
 }
 
 

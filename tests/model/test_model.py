@@ -242,7 +242,7 @@ def _loss(cfg, params, tokens):
 _loss_and_grad = jax.jit(jax.value_and_grad(_loss, argnums=1), static_argnums=0)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "save_matmuls"])
 def test_remat_changes_nothing(tiny, policy):
   cfg, params = tiny
   tokens = _tokens(cfg, (2, 9))
@@ -251,6 +251,26 @@ def test_remat_changes_nothing(tiny, policy):
   assert abs(float(got_loss - ref_loss)) <= TOL * abs(float(ref_loss))
   for a, b in zip(jax.tree.leaves(got_grad), jax.tree.leaves(ref_grad)):
     assert float(jnp.max(jnp.abs(a - b))) <= TOL * max(float(jnp.max(jnp.abs(b))), 1e-6)
+
+
+def _residual_bytes(cfg, params, tokens):
+  """(all, float32) bytes of what the backward of the forward keeps (the vjp's residuals)."""
+  loss = lambda p: jnp.sum(model.forward(cfg, p, tokens).hidden.astype(jnp.float32) ** 2)
+  leaves = jax.tree.leaves(jax.vjp(loss, params)[1])
+  nbytes = lambda xs: sum(x.size * x.dtype.itemsize for x in xs)
+  return nbytes(leaves), nbytes([x for x in leaves if x.dtype == jnp.float32])
+
+
+def test_save_matmuls_keeps_only_the_named_bfloat16_outputs():
+  """remat_policy="save_matmuls" at bf16 compute: no float32 residual beyond what "full" keeps
+  (the float32 masters and the layers' inputs), and a fraction of "none"'s bytes."""
+  cfg = config.preset("tiny", dtype="bfloat16")
+  params = model.init(cfg, jax.random.key(0))
+  tokens = _tokens(cfg, (4, 256))
+  kept = {p: _residual_bytes(cfg.replace(remat_policy=p), params, tokens)
+          for p in ("none", "save_matmuls", "full")}
+  assert kept["save_matmuls"][1] == kept["full"][1]
+  assert kept["save_matmuls"][0] < kept["none"][0] / 3  # 11.5 MB against 49.4 MB (2026-12-03)
 
 
 def test_unrolled_layer_scan_changes_nothing():
