@@ -254,23 +254,26 @@ def test_remat_changes_nothing(tiny, policy):
 
 
 def _residual_bytes(cfg, params, tokens):
-  """(all, float32) bytes of what the backward of the forward keeps (the vjp's residuals)."""
+  """(all, float32) bytes of what the backward of the forward keeps (the vjp's residuals,
+  traced, not computed)."""
   loss = lambda p: jnp.sum(model.forward(cfg, p, tokens).hidden.astype(jnp.float32) ** 2)
-  leaves = jax.tree.leaves(jax.vjp(loss, params)[1])
+  leaves = jax.tree.leaves(jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params))
   nbytes = lambda xs: sum(x.size * x.dtype.itemsize for x in xs)
   return nbytes(leaves), nbytes([x for x in leaves if x.dtype == jnp.float32])
 
 
 def test_save_matmuls_keeps_only_the_named_bfloat16_outputs():
   """remat_policy="save_matmuls" at bf16 compute: no float32 residual beyond what "full" keeps
-  (the float32 masters and the layers' inputs), and a fraction of "none"'s bytes."""
+  (the float32 masters and the layers' inputs), and a fraction of "none"'s activations."""
   cfg = config.preset("tiny", dtype="bfloat16")
   params = model.init(cfg, jax.random.key(0))
-  tokens = _tokens(cfg, (4, 256))
+  tokens = _tokens(cfg, (2, 128))
   kept = {p: _residual_bytes(cfg.replace(remat_policy=p), params, tokens)
           for p in ("none", "save_matmuls", "full")}
   assert kept["save_matmuls"][1] == kept["full"][1]
-  assert kept["save_matmuls"][0] < kept["none"][0] / 3  # 11.5 MB against 49.4 MB (2026-12-03)
+  # Beyond "full" (the named bf16 outputs): 2.0 MB against 9.4 MB (2026-12-03).
+  extra = kept["save_matmuls"][0] - kept["full"][0]
+  assert 0 < extra < (kept["none"][0] - kept["full"][0]) / 3
 
 
 def test_unrolled_layer_scan_changes_nothing():
