@@ -29,6 +29,7 @@ import time
 from absl import app, flags
 
 from experiments import reporting
+from m1jax import files
 from m1jax.analysis import objectives
 from m1jax.train import metrics
 
@@ -52,8 +53,7 @@ def _ledger(out: str, start: float, finished: int, total: int) -> list[dict]:
   calls.append({"started": datetime.datetime.fromtimestamp(start).isoformat(timespec="seconds"),
                 "seconds": round(time.time() - start, 1), "finished_runs": finished,
                 "grid_runs": total})
-  with open(path, "w") as f:
-    json.dump(calls, f, indent=1)
+  files.write_atomically(path, json.dumps(calls, indent=1))  # whole, even under the SIGTERM
   return calls
 
 

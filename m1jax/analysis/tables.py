@@ -6,8 +6,10 @@ The one place the analyses, benchmarks and figure scripts format their tables.
 from __future__ import annotations
 
 import csv
-import os
+import io
 from typing import Any, Sequence
+
+from m1jax import files
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -18,9 +20,10 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-  """Writes a header line and the rows to `path` (its folder is created)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(header)
-    writer.writerows(rows)
+  """Writes a header line and the rows to `path` (its folder is created), whole: a benchmark
+  killed while rewriting its CSV keeps the previous one."""
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(rows)
+  files.write_atomically(path, text.getvalue())

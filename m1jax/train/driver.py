@@ -10,6 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from m1jax import files
 from m1jax.train import checkpoint, context, metrics, rl, schema, sft, stage
 
 
@@ -78,7 +79,8 @@ def _run(ctx: context.Context, config: ml_collections.ConfigDict, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   if ctx.is_main:
     # Atomically: the other processes of a multi-process run read it in check_rerun.
-    _write_atomically(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    files.write_atomically(os.path.join(workdir, "config.json"),
+                           config.to_json_best_effort(indent=2))
     if allowed:
       logging.warning("config changes from the stored run (recorded in config_changes.jsonl): %s",
                       ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in allowed.items()))
@@ -104,17 +106,8 @@ def _run(ctx: context.Context, config: ml_collections.ConfigDict, workdir: str,
     summary["rl"] = _stage_summary(rl_stage.dir)
   summary["complete_before_run"] = all(s.complete_at_start for s in stages)
   if ctx.is_main:
-    _write_atomically(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    files.write_atomically(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   return summary
-
-
-def _write_atomically(path: str, text: str):
-  """Writes `text` to `path` through a temporary file and a rename, so that a reader (another
-  process of the run, a user) sees the old file or the new one, never a partial one."""
-  temporary = f"{path}.tmp{os.getpid()}"
-  with open(temporary, "w") as f:
-    f.write(text)
-  os.replace(temporary, path)
 
 
 def _init_from(ctx: context.Context, stage_dir: str):

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from m1jax import files
 from m1jax.train import checkpoint as checkpoint_lib
 from m1jax.train import metrics as metrics_lib
 from m1jax.train import optimizer as optimizer_lib
@@ -229,8 +230,8 @@ class Stage:
       good = self.checkpointer.latest_step()
       self.checkpointer.protected = {good} if good is not None else set()
       if self.ctx.is_main:
-        with open(os.path.join(self.dir, NONFINITE_MARKER), "w") as f:
-          json.dump({"step": step, "last_good": good}, f)
+        files.write_atomically(os.path.join(self.dir, NONFINITE_MARKER),
+                               json.dumps({"step": step, "last_good": good}))
       self.save(step, state, data_state, force=True)
       self.checkpointer.wait()
       resume = (f"step {good}, the last checkpoint before them" if good is not None
