@@ -1,5 +1,5 @@
 """Dependencies point one way: experiments -> m1jax.train -> {rl, generate, data, convert} ->
-model -> pallas_kernels (with config, sharding and flops as leaves under the model), and
+model -> pallas_kernels (with config, sharding, flops and files as leaves under the model), and
 importing the library pulls in no torch, fla or matplotlib."""
 
 import ast
@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Unit of the package tree -> layer; a module may import its own unit, and units of lower layers.
 LAYERS = {
     "pallas_kernels": 0,
-    "m1jax.config": 1, "m1jax.sharding": 1, "m1jax.flops": 1,
+    "m1jax.config": 1, "m1jax.sharding": 1, "m1jax.flops": 1, "m1jax.files": 1,
     "m1jax.model": 2,
     "m1jax.rl": 3, "m1jax.generate": 3, "m1jax.data": 3, "m1jax.convert": 3,
     "m1jax.train": 4,
