@@ -78,6 +78,14 @@ def write_results(out_dir: str, name: str, rows: Sequence, table: str, log) -> N
   log(table)
 
 
+def _literal(text: str):
+  """`text` as a Python literal (1, 0.5, True, None, ...), else the string itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
 def model_overrides(items: Sequence[str]) -> dict:
   """ModelConfig fields from "name=value" strings (values as Python literals, else strings):
   ["moe_gemm_impl=xla", "head_chunk_tokens=2048"] -> {"moe_gemm_impl": "xla", ...}; a
@@ -94,10 +102,7 @@ def model_overrides(items: Sequence[str]) -> dict:
       raise ValueError(f"model override {item!r}: expected name=value with name a ModelConfig "
                        f"field ({', '.join(sorted(fields))}) or lightning_kernel.<field> "
                        f"({', '.join(sorted(f.split('.')[1] for f in kernel_fields))})")
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass  # a plain string
+    value = _literal(value)
     if name in kernel_fields:
       kernel[name.split(".", 1)[1]] = value
     else:
@@ -115,16 +120,9 @@ def model_variants(spec: str) -> list[dict]:
 
 
 def _option_value(text: str):
-  """An XLA option's value: true/false (any case) as a bool, integers and floats as numbers,
-  anything else as the string (XLA's own flag parser takes bools only as Python bools)."""
-  if text.lower() in ("true", "false"):
-    return text.lower() == "true"
-  for kind in (int, float):
-    try:
-      return kind(text)
-    except ValueError:
-      pass
-  return text
+  """An XLA option's value: true/false in any case as a bool (XLA's flag parser takes bools only
+  as Python bools), else a Python literal or the string."""
+  return text.lower() == "true" if text.lower() in ("true", "false") else _literal(text)
 
 
 def compiler_option_sets(spec: str) -> list[dict]:

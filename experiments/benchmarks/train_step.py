@@ -102,8 +102,8 @@ def time_step(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], de
                    in_shardings=(shardings, None), out_shardings=(shardings, None),
                    donate_argnums=0)
     start = time.perf_counter()
-    compiled = step.lower(state, batch_d).compile(compiler_options=dict(compiler_options or {})
-                                                  or None)
+    compiled = step.lower(state, batch_d).compile(
+        compiler_options=dict(compiler_options) if compiler_options else None)
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch_d)  # the first step, from the common starting state
     first = jax.device_get(metrics)
