@@ -54,16 +54,13 @@ _SWEEP_SHAPES = [(1, 32768, 16, _DIM)]
 
 
 def _parse_config(items: list[str]) -> KernelConfig:
-  """name=value pairs (integers, or None) over DEFAULT_CONFIG."""
-  names = {field.name for field in dataclasses.fields(KernelConfig)}
-  fields = {}
-  for item in items:
-    name, sep, value = item.partition("=")
-    if not sep or name not in names:
-      raise app.UsageError(f"--config expects name=value with a name among {sorted(names)}; "
-                           f"got {item!r}")
-    fields[name] = None if value == "None" else int(value)
-  return dataclasses.replace(DEFAULT_CONFIG, **fields)
+  """name=value pairs over DEFAULT_CONFIG (values as Python literals, else strings:
+  state_split=4, segment_len=None, backward_impl=mosaic)."""
+  try:
+    overrides = reporting.model_overrides([f"lightning_kernel.{item}" for item in items])
+  except ValueError as e:
+    raise app.UsageError(f"--config: {e}") from e
+  return overrides.get("lightning_kernel", DEFAULT_CONFIG)
 
 
 def main(argv):

@@ -41,7 +41,8 @@ Design:
     so no power of lambda can overflow.
   * The initial and final states move between registers and HBM directly (no SMEM staging).
 
-SMEM at D = 128, C = 64: 48 KiB per stage (q, k, v) + 64 KiB (state copies, decayed v, o).
+SMEM at D = 128, C = 64: 48 KiB per stage (q, k, v) + 64 KiB (state copies, decayed v, o);
+at C = 128 only one stage fits (`smem_bytes`; 2 stages would need 293 KiB of the 227 KiB).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ _F32 = jnp.float32
 _BF16 = jnp.bfloat16
 _VALUE_TILE = 64  # value columns per compute warpgroup (wgmma N; one 128-byte swizzle row)
 _NUM_VECS = 5  # rows of the per-head decay table
+_SMEM_LIMIT = 227 * 1024  # shared memory per block on compute capability 9.0 (opt-in maximum)
 
 # jax 0.10 requires the index argument of plgpu.load; jax 0.11 deprecates passing it.
 _LOAD_TAKES_INDEX = (
@@ -92,6 +94,17 @@ def _decay_table(slope, block: int, dim: int, reverse: bool):
   rows.append(jnp.broadcast_to(jnp.exp(-a * block), (a.shape[0], dim)))
   rows[-1] = jnp.pad(rows[-1], ((0, 0), (0, width - dim)))
   return jnp.stack(rows, axis=1)
+
+
+def smem_bytes(block: int, dim: int, stages: int) -> int:
+  """Shared memory of one CTA of `_sweep`: `stages` slots of q, k and v blocks, the state's bf16
+  copy, the decayed v and the o staging per compute warpgroup, the decay table, the barriers."""
+  num_wg = dim // _VALUE_TILE
+  per_stage = (2 * block * dim + num_wg * block * _VALUE_TILE) * 2
+  fixed = num_wg * (dim * _VALUE_TILE + 2 * block * _VALUE_TILE) * 2
+  table = num_wg * _NUM_VECS * max(block, dim) * 4
+  barriers = (3 * stages + stages * num_wg + num_wg) * 8
+  return stages * per_stage + fixed + table + barriers
 
 
 def _sweep(q, k, v, table, x0, *, block: int, num_stages: int, reverse: bool):
@@ -268,6 +281,14 @@ def lightning_sweep_mosaic(a, b, c, slope, start=None, *, reverse: bool = False,
     raise ValueError(f"T must be a positive multiple of block_size={block_size}; got {seq_len}")
   if num_stages < 1:
     raise ValueError(f"num_stages must be >= 1; got {num_stages}")
+  stages = min(num_stages, seq_len // block_size)
+  if smem_bytes(block_size, dim, stages) > _SMEM_LIMIT:
+    fitting = [n for n in range(stages - 1, 0, -1)
+               if smem_bytes(block_size, dim, n) <= _SMEM_LIMIT]
+    hint = f"num_stages={fitting[0]}" if fitting else "a smaller block_size"
+    raise ValueError(f"block_size={block_size} at D={dim} with {stages} stages needs "
+                     f"{smem_bytes(block_size, dim, stages)} bytes of shared memory, over the "
+                     f"{_SMEM_LIMIT} of a Hopper CTA; use {hint}")
   if slope.shape != (heads,):
     raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
   if start is None:

@@ -316,6 +316,17 @@ def test_mosaic_forward_and_backward_lower_for_cuda(monkeypatch, min_programs, n
   assert _num_mosaic_kernels(text) == 4 and text.count("xla.gpu.triton") == 2 * prepasses
 
 
+def test_mosaic_sweep_rejects_tilings_over_shared_memory():
+  """Block 128 at D = 128 fits one SMEM stage, not two (300128 bytes: what Mosaic GPU itself
+  reports on an H200); the check runs before lowering, with the fix in the message."""
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  assert mosaic.smem_bytes(128, 128, 2) == 300128
+  assert mosaic.smem_bytes(128, 128, 1) <= 227 * 1024 < mosaic.smem_bytes(128, 128, 2)
+  x = jnp.zeros((1, 384, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match=r"block_size=128 at D=128 with 2 stages .* num_stages=1"):
+    mosaic.lightning_sweep_mosaic(x, x, x, jnp.ones((2,)), block_size=128, num_stages=2)
+
+
 def test_mosaic_plan_segments():
   """Equal segments of whole 64-token blocks, as many as bring B * H up to min_programs."""
   plan = kernel_module._mosaic_plan(1, 32768, 16, 128, KernelConfig())
@@ -333,7 +344,9 @@ def test_forward_impl_selection():
   with pytest.raises(ValueError, match="multiple of 64"):
     kernel_module._use_mosaic(q[:, :100], KernelConfig(forward_impl="mosaic"), interpret=True)
   assert not kernel_module._use_mosaic(q, KernelConfig(forward_impl="triton"), interpret=False)
-  # The backward's choice by its own field: "triton" by default, "mosaic" checked the same way.
+  # The backward's choice by its own field, "auto" by default (Triton off Hopper), "mosaic"
+  # checked the same way.
+  assert KernelConfig().backward_impl == "auto"
   assert not kernel_module._use_mosaic(q, KernelConfig(), interpret=False, field="backward_impl")
   with pytest.raises(ValueError, match="backward_impl='mosaic' needs compiled mode"):
     kernel_module._use_mosaic(q, KernelConfig(backward_impl="mosaic"), interpret=True,
@@ -522,14 +535,15 @@ def test_gpu_mosaic_forward_matches_recurrent(dim, config):
 @pytest.mark.gpu
 @requires_hopper
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("dim, block_size", [(64, 64), (128, 64), (128, 128)])
-def test_gpu_mosaic_sweep_matches_recurrent(reverse, dim, block_size):
+@pytest.mark.parametrize("dim, block_size, num_stages", [(64, 64, 2), (128, 64, 2),
+                                                        (128, 128, 1)])
+def test_gpu_mosaic_sweep_matches_recurrent(reverse, dim, block_size, num_stages):
   """The Mosaic kernel alone, both directions, with a start state: 3 blocks of 128 or 6 of 64
   (more blocks than SMEM stages)."""
   mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
   a, b, c, slope, start = _inputs(10, 2, 384, dim, jnp.bfloat16)
   out, final = mosaic.lightning_sweep_mosaic(a, b, c, slope, start, reverse=reverse,
-                                             block_size=block_size)
+                                             block_size=block_size, num_stages=num_stages)
   out_ref, final_ref = reference.lightning_sweep_recurrent(a, b, c, slope, start,
                                                            reverse=reverse)
   assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32
