@@ -50,17 +50,25 @@ _MAX_RESOLUTION = flags.DEFINE_integer("max_resolution", 8192,
 _MAX_CONTEXT = flags.DEFINE_integer("max_context", 0, "The search's upper end (0: the preset's "
                                     "max_position_embeddings).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights, prompts and sampling.")
+_OVERRIDES = flags.DEFINE_list("model", [], "ModelConfig fields as name=value applied to the "
+                               "hybrid (and so to its all-softmax twin), e.g. "
+                               "lightning_impl=blockwise.")
 
 
 def main(argv):
   del argv
+  try:
+    overrides = reporting.model_overrides(_OVERRIDES.value)
+  except ValueError as e:
+    raise app.UsageError(f"--model: {e}") from None
   os.makedirs(_OUT_DIR.value, exist_ok=True)
   log = reporting.tee(os.path.join(_OUT_DIR.value, "long_context.log"))
   log(reporting.versions())
   stats = jax.devices()[0].memory_stats() or {}
   log(f"XLA_PYTHON_CLIENT_MEM_FRACTION={os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION')}; "
       f"device memory limit {stats.get('bytes_limit', 0) / 2**30:.1f} GiB (0: not reported)")
-  hybrid = config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+  hybrid = config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value,
+                         **overrides)
   models = long_context.all_models(hybrid)
   unknown = set(_MODELS.value) - set(models)
   if unknown:

@@ -95,7 +95,8 @@ def main(argv):
                                      variant=label, compiler_options=options)
         log(f"{shape} {result.mesh} {label or 'base'}: {result.step_ms:.1f} ms, "
             f"{result.tokens_per_s:.0f} tokens/s, MFU {100 * result.mfu:.1f}%, compile "
-            f"{result.compile_s:.1f} s, peak {result.peak_gib:.1f} GiB (remat "
+            f"{result.compile_s:.1f} s (lower {result.lower_s:.1f}), peak "
+            f"{result.peak_gib:.1f} GiB (remat "
             f"{cfg.replace(**changes).remat_policy})")
         results.append(result)
         reporting.write_dataclass_csv(os.path.join(_OUT_DIR.value, "train_step.csv"), results)

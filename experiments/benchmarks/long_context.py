@@ -53,6 +53,7 @@ class LongContextTiming:
   total_s: float  # median max_new_tokens=N call
   prefill_compile_s: float  # lower + compile of the max_new_tokens=1 program
   compile_s: float  # lower + compile of the max_new_tokens=N program
+  lower_s: float  # of compile_s: tracing and lowering in jax (kernels included)
   xla_estimate_gib: float  # N program, compiled.memory_analysis(): args + out - aliased + temp
   # memory_stats()["peak_bytes_in_use"] after this point (the process's peak so far; None where
   # the backend gives no memory_stats, e.g. CPU)
@@ -93,12 +94,15 @@ def random_prompts(cfg: ModelConfig, batch: int, context: int, seed: int = 0) ->
 
 
 def compile_generate(cfg: ModelConfig, gen: generate.GenerateConfig, params, prompts: jax.Array,
-                     key: jax.Array) -> tuple[Any, float]:
-  """(compiled (params, prompts [B, C], key) -> GenerateOutput, seconds of lower + compile)."""
+                     key: jax.Array) -> tuple[Any, float, float]:
+  """(compiled (params, prompts [B, C], key) -> GenerateOutput, seconds of lower + compile,
+  seconds of the lowering alone)."""
   program = jax.jit(lambda p, t, k: generate.generate(cfg, p, t, gen, key=k))
   start = time.perf_counter()
-  compiled = program.lower(params, prompts, key).compile()
-  return compiled, time.perf_counter() - start
+  lowered = program.lower(params, prompts, key)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile()
+  return compiled, time.perf_counter() - start, lower_s
 
 
 def xla_estimate_bytes(compiled) -> float:
@@ -130,10 +134,10 @@ def time_point(name: str, cfg: ModelConfig, params, batch: int, context: int, ne
     raise ValueError(f"new_tokens={new_tokens} must be >= 2 and reps={reps} >= 1")
   args = (params, random_prompts(cfg, batch, context, seed), jax.random.key(seed))
   peak_before = device_peak_bytes()
-  first, prefill_compile_s = compile_generate(cfg, generate_config(1), *args)
+  first, prefill_compile_s, _ = compile_generate(cfg, generate_config(1), *args)
   _, prefill_s = reporting.median_call(lambda: first(*args), reps)
   del first
-  full, compile_s = compile_generate(cfg, generate_config(new_tokens), *args)
+  full, compile_s, lower_s = compile_generate(cfg, generate_config(new_tokens), *args)
   out, total_s = reporting.median_call(lambda: full(*args), reps)
   tokens = np.asarray(out.tokens)
   estimate = xla_estimate_bytes(full)
@@ -143,7 +147,8 @@ def time_point(name: str, cfg: ModelConfig, params, batch: int, context: int, ne
   timing = LongContextTiming(
       model=name, context=context, batch=batch, new_tokens=new_tokens, prefill_s=prefill_s,
       ms_per_step=1e3 * (total_s - prefill_s) / (new_tokens - 1), total_s=total_s,
-      prefill_compile_s=prefill_compile_s, compile_s=compile_s, xla_estimate_gib=estimate / 2**30,
+      prefill_compile_s=prefill_compile_s, compile_s=compile_s, lower_s=lower_s,
+      xla_estimate_gib=estimate / 2**30,
       device_peak_gib=None if peak is None else peak / 2**30,
       device_peak_here=None if peak is None else peak > peak_before,
       kv_cache_gib=cache.softmax / 2**30, lightning_state_mib=cache.lightning / 2**20)
@@ -235,7 +240,7 @@ def find_max(name: str, cfg: ModelConfig, params, batch: int, new_tokens: int, k
   def fits(context: int) -> bool:
     def run():
       args = (params, random_prompts(cfg, batch, context, seed), jax.random.key(seed))
-      compiled, _ = compile_generate(cfg, generate_config(new_tokens), *args)
+      compiled, _, _ = compile_generate(cfg, generate_config(new_tokens), *args)
       jax.block_until_ready(compiled(*args))
     start = time.perf_counter()
     ok = fits_in_memory(run)
@@ -264,11 +269,11 @@ def table(timings: Sequence[LongContextTiming]) -> str:
   """One row per (model, context)."""
   return reporting.markdown_table(
       ["model", "context", "batch", "new tokens", "prefill s (time to 1st token)",
-       "decode ms/step", "total s", "compile s (prefill / full)",
+       "decode ms/step", "total s", "compile s (prefill / full; of full: lower)",
        "XLA estimate GiB (compiled program)", "device peak GiB (memory_stats)",
        "KV cache GiB", "lightning states MiB"],
       [[t.model, t.context, t.batch, t.new_tokens, f"{t.prefill_s:.3f}", f"{t.ms_per_step:.3f}",
-        f"{t.total_s:.3f}", f"{t.prefill_compile_s:.1f} / {t.compile_s:.1f}",
+        f"{t.total_s:.3f}", f"{t.prefill_compile_s:.1f} / {t.compile_s:.1f} ({t.lower_s:.1f})",
         f"{t.xla_estimate_gib:.3g}", _peak_cell(t), f"{t.kv_cache_gib:.3g}",
         f"{t.lightning_state_mib:.3g}"] for t in timings])
 

@@ -1,6 +1,9 @@
 """The long-context benchmark's library code on CPU at tiny sizes, and its max-context search."""
 
 import csv
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -34,6 +37,7 @@ def test_timed_points_give_one_row_each_and_the_tokens_of_a_plain_generate_call(
   for t in timings:
     assert (t.batch, t.new_tokens) == (1, NEW_TOKENS)
     assert t.prefill_s > 0 and t.total_s > 0 and t.compile_s > 0 and t.prefill_compile_s > 0
+    assert 0 < t.lower_s < t.compile_s
     assert t.xla_estimate_gib > 0
     assert t.device_peak_gib is None and t.device_peak_here is None  # CPU: no memory_stats
     cache = generate.cache_bytes(configs[t.model], 1, CONTEXT + NEW_TOKENS - 1)
@@ -114,3 +118,14 @@ def test_out_of_memory_is_a_failure_and_other_errors_propagate():
     raise ValueError("not a memory error")
   with pytest.raises(ValueError, match="not a memory error"):
     long_context.fits_in_memory(run_value_error)
+
+
+def test_a_misspelled_model_override_stops_before_anything_is_written(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_long_context", "--preset=tiny",
+       "--model=lightning_impl=blockwise,moe_gemm_imp=xla", f"--out_dir={tmp_path / 'out'}"],
+      cwd=root, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0
+  assert "model override 'moe_gemm_imp=xla'" in result.stderr
+  assert not os.listdir(tmp_path)

@@ -25,6 +25,7 @@ def test_train_step_benchmark_times_the_base_and_each_variant(tmp_path):
       "", "lm_head_grad_precision=highest",
       "xla:xla_gpu_autotune_level=0,xla_gpu_enable_triton_gemm=False"]
   assert all(float(r["step_ms"]) > 0 for r in rows)
+  assert all(0 < float(r["lower_s"]) < float(r["compile_s"]) for r in rows)
   # The variant changes only the backward's matmul algorithm (plain float32 on XLA:CPU), and
   # the GPU compiler options do nothing on CPU: the first step's loss and gradient norm are the
   # base's.
