@@ -63,6 +63,16 @@ def median_call(fn: Callable[[], object], reps: int) -> tuple[object, float]:
   return out, statistics.median(seconds)
 
 
+def compile_timed(jitted, *args, compiler_options: dict | None = None):
+  """jitted.lower(*args).compile(compiler_options) -> (compiled, seconds of lower + compile,
+  seconds of the lowering alone: tracing and lowering in jax, Pallas kernels included)."""
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  lower_s = time.perf_counter() - start
+  compiled = lowered.compile(compiler_options=compiler_options)
+  return compiled, time.perf_counter() - start, lower_s
+
+
 def write_dataclass_csv(path: str, rows: Sequence) -> None:
   """Rows of one dataclass type as CSV, one column per field."""
   fields = [f.name for f in dataclasses.fields(rows[0])]

@@ -98,11 +98,7 @@ def compile_generate(cfg: ModelConfig, gen: generate.GenerateConfig, params, pro
   """(compiled (params, prompts [B, C], key) -> GenerateOutput, seconds of lower + compile,
   seconds of the lowering alone)."""
   program = jax.jit(lambda p, t, k: generate.generate(cfg, p, t, gen, key=k))
-  start = time.perf_counter()
-  lowered = program.lower(params, prompts, key)
-  lower_s = time.perf_counter() - start
-  compiled = lowered.compile()
-  return compiled, time.perf_counter() - start, lower_s
+  return reporting.compile_timed(program, params, prompts, key)
 
 
 def xla_estimate_bytes(compiled) -> float:

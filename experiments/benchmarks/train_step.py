@@ -102,12 +102,9 @@ def time_step(cfg: ModelConfig, params, batch, mesh_shape: Mapping[str, int], de
                                              optimizer, s, b),
                    in_shardings=(shardings, None), out_shardings=(shardings, None),
                    donate_argnums=0)
-    start = time.perf_counter()
-    lowered = step.lower(state, batch_d)
-    lower_s = time.perf_counter() - start
-    compiled = lowered.compile(
+    compiled, compile_s, lower_s = reporting.compile_timed(
+        step, state, batch_d,
         compiler_options=dict(compiler_options) if compiler_options else None)
-    compile_s = time.perf_counter() - start
     state, metrics = compiled(state, batch_d)  # the first step, from the common starting state
     first = jax.device_get(metrics)
     times = []

@@ -282,13 +282,13 @@ def lightning_sweep_mosaic(a, b, c, slope, start=None, *, reverse: bool = False,
   if num_stages < 1:
     raise ValueError(f"num_stages must be >= 1; got {num_stages}")
   stages = min(num_stages, seq_len // block_size)
-  if smem_bytes(block_size, dim, stages) > _SMEM_LIMIT:
-    fitting = [n for n in range(stages - 1, 0, -1)
-               if smem_bytes(block_size, dim, n) <= _SMEM_LIMIT]
-    hint = f"num_stages={fitting[0]}" if fitting else "a smaller block_size"
-    raise ValueError(f"block_size={block_size} at D={dim} with {stages} stages needs "
-                     f"{smem_bytes(block_size, dim, stages)} bytes of shared memory, over the "
-                     f"{_SMEM_LIMIT} of a Hopper CTA; use {hint}")
+  needed = smem_bytes(block_size, dim, stages)
+  if needed > _SMEM_LIMIT:
+    fits = next((n for n in range(stages - 1, 0, -1)
+                 if smem_bytes(block_size, dim, n) <= _SMEM_LIMIT), None)
+    hint = f"num_stages={fits}" if fits else "a smaller block_size"
+    raise ValueError(f"block_size={block_size} at D={dim} with {stages} stages needs {needed} "
+                     f"bytes of shared memory, over the {_SMEM_LIMIT} of a Hopper CTA; use {hint}")
   if slope.shape != (heads,):
     raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
   if start is None:

@@ -7,16 +7,13 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(*args, code=None):
-  command = [sys.executable, "-m", "experiments.bench_lightning", *args]
-  if code is not None:
-    command = [sys.executable, "-c", code]
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+def _python(*args):
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 def test_config_parses_strings_literals_and_none():
-  result = _run(code=(
+  result = _python("-c", (
       "from experiments import bench_lightning as b\n"
       "c = b._parse_config(['backward_impl=mosaic', 'state_split=4', 'segment_len=None'])\n"
       "print(c.backward_impl, c.state_split, c.segment_len, c.forward_impl)\n"
@@ -26,8 +23,8 @@ def test_config_parses_strings_literals_and_none():
 
 
 def test_config_rejects_unknown_fields_before_timing(tmp_path):
-  result = _run("--config=backward=mosaic", f"--out_dir={tmp_path}", "--seq_lens=", "--heads=",
-                "--decode_batches=")
+  result = _python("-m", "experiments.bench_lightning", "--config=backward=mosaic",
+                   f"--out_dir={tmp_path}", "--seq_lens=", "--heads=", "--decode_batches=")
   assert result.returncode != 0
   assert "lightning_kernel.backward=mosaic" in result.stderr
   assert "backward_impl" in result.stderr  # the fields it takes are listed
