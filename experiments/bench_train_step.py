@@ -32,7 +32,8 @@ _PRESET = flags.DEFINE_string("preset", "small", "config.preset name.")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 _MESHES = flags.DEFINE_string("meshes", "fsdp=1", "Meshes to time (the first shape only).")
 _SHAPES = flags.DEFINE_list("shapes", ["16x1024"], "rows x tokens per sequence, e.g. 4x8192.")
-_LONG_REMAT = flags.DEFINE_string("long_remat", "full", "remat_policy for sequences > 4096.")
+_LONG_REMAT = flags.DEFINE_string("long_remat", "save_matmuls",
+                                  "remat_policy for sequences > 4096 tokens.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", True, "Time the components of the first shape.")
 _OVERRIDES = flags.DEFINE_list("model", [], "ModelConfig fields as name=value (e.g. "
                                "moe_gemm_impl=xla), applied to every run.")

@@ -26,9 +26,11 @@ segment, starts from the decayed sum of the local states of the parts before it.
 [D, D] state per part touches HBM; the forward keeps them for dq.
 
 Hopper: for bfloat16 inputs with D in {64, 128} and T a multiple of 64, the sweeps can run the
-Mosaic GPU kernel of `pallas_kernels.lightning.mosaic` (TMA loads, wgmma, one CTA per (batch,
+Mosaic GPU kernels of `pallas_kernels.lightning.mosaic` (TMA loads, wgmma, one CTA per (batch,
 head) and segment, both directions); when B * H is below `min_programs` the sequence is cut into
-equal segments whose start states come from the Triton pre-pass and a scan over segments.
+equal segments whose start states come from the Mosaic local-state kernel (the parts before
+each segment, `state_split` parts per segment) and one weighted sum over parts (an einsum); no
+Triton kernel runs on that path.
 `KernelConfig.forward_impl` picks the forward's kernel and `KernelConfig.backward_impl` the
 backward's three sweeps (by default the Mosaic one, faster than the Triton sweeps:
 docs/benchmarks.md).
@@ -69,21 +71,22 @@ class KernelConfig:
     num_warps: Triton warps per program.
     state_block_size: tokens per block of the pre-pass (power of two >= 16). That pass has no
       intra-block term, so a larger block costs no extra FLOPs and cuts its serial steps. Used
-      when it divides the length of a part (below), else block_size is used.
+      when it divides the length of a part (below), else block_size is used. The Mosaic
+      local-state kernel takes 64 or 128 (other values: 64).
     state_split: pre-pass programs per segment: each segment's local state is computed in this
       many parts in parallel (the largest divisor of the segment's block count up to this
       value), which shortens the pre-pass by as much; the sweep then sums that many more
-      states. 1 computes one local state per segment.
-    state_num_stages: pipelining depth of the pre-pass; None: num_stages, at most 2 when
-      state_block_size > block_size (shared memory).
-    forward_impl: "auto" (the Mosaic GPU forward where it applies: compiled, a GPU of compute
-      capability 9.x, bfloat16, D in {64, 128}, T a multiple of 64, except where it would
-      split the sequence and the Triton sweep would not (B * H below min_programs <= 2 B * H
-      at D = 128, measured slower at T = 8K); else Triton), "mosaic" (that kernel or an error)
-      or "triton".
+      states. 1 computes one local state per segment. The Mosaic path honours it too.
+    state_num_stages: pipelining depth of the pre-pass; None: for Triton num_stages, at most 2
+      when state_block_size > block_size (shared memory); for the Mosaic local-state kernel as
+      many as fit at D = 128 (4 at block 64, 2 at 128), which also caps a given value.
+    forward_impl: "auto" (the Mosaic GPU kernels wherever they apply: compiled, a GPU of
+      compute capability 9.x, bfloat16, D in {64, 128}, T a multiple of 64; else Triton),
+      "mosaic" (those kernels or an error) or "triton" (the portable path).
     backward_impl: the same choice for the backward's three sweeps (dq forward, dv and dk
-      reverse), "auto" by the same rule (forward + backward 0.79 ms against 0.94 with the
-      Triton backward at B 16, T 2K, H 16, D 128 on an H200: docs/benchmarks.md).
+      reverse). On an H200 the Mosaic path is as fast as the Triton one or faster at every
+      benchmark shape, forward + backward; only the forward at T = 8K, H = 16 is 0-11% slower
+      (docs/benchmarks.md).
     num_stages: Triton software-pipelining depth of the block loop. Each stage holds a block
       of a, b and c in shared memory: block 128 x value tile 128 with 3 stages exceeds the
       H200's 227 KiB (the compiler asked for 288 KiB); the default's blocks take 40 KiB a stage.
@@ -389,6 +392,10 @@ def _transpose_state(x):
 
 
 _MOSAIC_BLOCK = 64  # token block of the Mosaic GPU sweeps
+# SMEM stages of the Mosaic local-state kernel per token block: the default and the cap (as
+# many as fit at D = 128; at block 64, 4 stages took 0.065 ms where 3 took 0.072 and 2 0.108 on
+# an H200 at B 1, T 32K, H 16).
+_MOSAIC_STATE_STAGES = {64: 4, 128: 2}
 
 
 def _use_mosaic(q, config: KernelConfig, interpret: bool, field: str = "forward_impl") -> bool:
@@ -416,40 +423,78 @@ def _use_mosaic(q, config: KernelConfig, interpret: bool, field: str = "forward_
 
 def _mosaic_plan(batch: int, seq_len: int, heads: int, dim: int, config: KernelConfig) -> _Plan:
   """The Mosaic sweeps' segments (one CTA per (batch, head, segment)): as many equal segments
-  of whole 64-token blocks as bring B * H up to min_programs; the plan's pre-pass gives their
-  start states."""
+  of whole 64-token blocks as bring B * H up to min_programs, each cut into state_split parts
+  (at most) for the local-state kernel."""
   blocks = seq_len // _MOSAIC_BLOCK
   wanted = min(blocks, max(1, -(-config.min_programs // (batch * heads))))
   segments = max(n for n in range(1, wanted + 1) if blocks % n == 0)
-  return _plan(batch, seq_len, heads, dim,
-               dataclasses.replace(config, block_size=_MOSAIC_BLOCK, state_split=1,
+  plan = _plan(batch, seq_len, heads, dim,
+               dataclasses.replace(config, block_size=_MOSAIC_BLOCK,
                                    segment_len=seq_len // segments))
+  state_block = plan.state_block if plan.state_block in _MOSAIC_STATE_STAGES else _MOSAIC_BLOCK
+  most = _MOSAIC_STATE_STAGES[state_block]
+  return dataclasses.replace(plan, state_block=state_block,
+                             state_num_stages=min(config.state_num_stages or most, most))
+
+
+def _needed_parts(plan: _Plan, reverse: bool) -> tuple[int, int]:
+  """(first, count) of the parts whose local states some segment starts from: all but the last
+  segment's (forward) or the first segment's (reverse)."""
+  per_segment = plan.seg_len // plan.part_len
+  return (per_segment if reverse else 0), plan.num_parts - per_segment
+
+
+def _segment_starts(local, x0, slope, plan: _Plan, reverse: bool):
+  """Start state of every segment (in sweep order) from the local states of the needed parts
+  (`_needed_parts`) and the sweep's start state, in one einsum over parts. local
+  [B, H, R, D, D]; x0 [B, H, D, D] -> [B, N, H, D, D] float32.
+
+  Forward, segment n of length L, parts of length P: lambda^(n L) x0 +
+  sum_{r < n L / P} lambda^(n L - (r + 1) P) local[r]; reverse: lambda^(T - (n + 1) L) x0 +
+  sum_{r >= (n + 1) L / P} lambda^(r P - (n + 1) L) local[r].
+  """
+  first, count = _needed_parts(plan, reverse)
+  seg = jnp.arange(plan.num_segments)[:, None]
+  part = first + jnp.arange(count)[None, :]
+  if reverse:
+    gap = part * plan.part_len - (seg + 1) * plan.seg_len
+    x0_gap = plan.seq_len - (seg[:, 0] + 1) * plan.seg_len
+  else:
+    gap = seg * plan.seg_len - (part + 1) * plan.part_len
+    x0_gap = seg[:, 0] * plan.seg_len
+  a = slope.astype(_F32)[:, None, None]
+  weights = jnp.where(gap >= 0, jnp.exp(-a * jnp.maximum(gap, 0).astype(_F32)), 0.0)  # [H, N, R]
+  x0_weights = jnp.exp(-a[:, :, 0] * x0_gap.astype(_F32))  # [H, N]
+  # A batched [N, R] x [R, D * D] product per head, in IEEE float32 (not TF32).
+  from_parts = jnp.einsum("hnr,bhrde->bnhde", weights, local, precision=_HI)
+  return from_parts + jnp.einsum("hn,bhde->bnhde", x0_weights, x0, precision=_HI)
 
 
 def _mosaic_sweep(a, b, c, slope, x0, plan: _Plan, *, reverse: bool, interpret: bool,
-                  local=None, kernel=None):
-  """`_sweep` by the Mosaic GPU kernel over plan.num_segments equal segments, run as B * N
-  independent sequences whose start states come from the Triton pre-pass (or `local`) and a
-  scan over segments (from the last one in reverse). a, b, c [B, T, H, D]; x0 [B, H, D, D] ->
-  (out [B, T, H, D], terminal state [B, H, D, D], the segments' local states or None).
-  `kernel(a, b, c, slope, start, reverse=...)` defaults to the Mosaic kernel (tests pass
-  another)."""
-  if kernel is None:  # imported here: Mosaic GPU costs 0.24 s of import for Triton-only users
+                  local=None, kernel=None, local_states=None):
+  """`_sweep` by the Mosaic GPU kernels over plan.num_segments equal segments, run as B * N
+  independent sequences whose start states come from the local-state kernel (or `local`) and
+  `_segment_starts`. a, b, c [B, T, H, D]; x0 [B, H, D, D] -> (out [B, T, H, D], terminal
+  state [B, H, D, D], the needed parts' local states or None).
+  `kernel(a, b, c, slope, start, reverse=...)` and `local_states(b, c, slope, num_parts=, first=,
+  count=, reverse=)` default to the Mosaic kernels (tests pass others)."""
+  del interpret  # the Mosaic kernels have no interpreter
+  if kernel is None or local_states is None:  # imported here: Mosaic GPU costs 0.24 s of import
     from pallas_kernels.lightning import mosaic  # pylint: disable=g-import-not-at-top
-    kernel = mosaic.lightning_sweep_mosaic
+    kernel = kernel or mosaic.lightning_sweep_mosaic
+    local_states = local_states or functools.partial(
+        mosaic.lightning_local_states_mosaic, num_stages=plan.state_num_stages,
+        block_size=plan.state_block)
   batch, seq_len, heads, dim = a.shape
   num_segments = plan.num_segments
   if num_segments == 1:
     return (*kernel(a, b, c, slope, x0, reverse=reverse), None)
   if local is None:
-    local = _segment_states(b, c, slope, plan, reverse=reverse, interpret=interpret)
-  segment_decay = jnp.exp(-slope * plan.seg_len)[None, :, None, None]
-
-  def step(x, local_n):  # x: the state before segment n in sweep order
-    return segment_decay * x + local_n, x
-
-  _, starts = lax.scan(step, x0, jnp.moveaxis(local, 2, 0), reverse=reverse)  # [N, B, H, D, D]
-  starts = jnp.moveaxis(starts, 0, 1).reshape(batch * num_segments, heads, dim, dim)
+    first, count = _needed_parts(plan, reverse)
+    local = local_states(b, c, slope, num_parts=plan.num_parts, first=first, count=count,
+                         reverse=reverse)
+  starts = _segment_starts(local, x0, slope, plan, reverse)
+  starts = starts.reshape(batch * num_segments, heads, dim, dim)
   as_sequences = lambda x: x.reshape(batch * num_segments, plan.seg_len, heads, dim)
   out, finals = kernel(as_sequences(a), as_sequences(b), as_sequences(c), slope, starts,
                        reverse=reverse)
@@ -549,14 +594,10 @@ def lightning_attention_pallas(q, k, v, slope, initial_state=None, *, interpret:
   plan = _plan(batch, seq_len, heads, dim, config)
 
   def mosaic_plan(field):
-    """The Mosaic plan of the forward or backward sweeps, or None for the Triton ones. "auto"
-    keeps Triton where the Mosaic kernel would split the sequence and Triton would not."""
+    """The Mosaic plan of the forward or backward sweeps, or None for the Triton ones."""
     if not _use_mosaic(q, config, interpret, field):
       return None
-    chosen = _mosaic_plan(batch, seq_len, heads, dim, config)
-    if getattr(config, field) == "auto" and chosen.num_segments > plan.num_segments == 1:
-      return None
-    return chosen
+    return _mosaic_plan(batch, seq_len, heads, dim, config)
 
   return _lightning(q, k, v, slope.astype(_F32), initial_state.astype(_F32), plan,
                     mosaic_plan("forward_impl"), mosaic_plan("backward_impl"), interpret)

@@ -1,4 +1,4 @@
-"""Lightning attention sweeps as a Mosaic GPU Pallas kernel (Hopper only).
+"""Lightning attention sweeps and segment states as Mosaic GPU Pallas kernels (Hopper only).
 
 Per head with decay lambda = exp(-slope), one kernel evaluates the decayed linear recurrence of
 `pallas_kernels.lightning.kernel` over a, b, c [T, D] in either direction:
@@ -19,8 +19,10 @@ forward and two reverse sweeps (kernel.py's module docstring). Blockwise with C 
 This path needs a GPU with compute capability 9.0 (H100, H200): it lowers through Mosaic GPU
 (TMA copies, mbarriers, wgmma), not Triton, and has no interpreter (jax 0.10's Mosaic GPU
 simulator lacks `plgpu.load` and `pl.run_state`). `pallas_kernels.lightning_attention` runs it on
-Hopper (splitting long sequences with few (batch, head) pairs into segments) and keeps the
-Triton kernels everywhere else. Its structure follows jax's FlashAttention-3
+Hopper and keeps the Triton kernels everywhere else. Long sequences with few (batch, head)
+pairs are cut into segments, run as independent sequences; their start states come from the
+second kernel here, `lightning_local_states_mosaic` (each part's state from a zero start, a
+matmul-like reduction). The sweep's structure follows jax's FlashAttention-3
 (jax/experimental/pallas/ops/gpu/attention_mgpu.py).
 
 Design:
@@ -247,6 +249,190 @@ def _sweep(q, k, v, table, x0, *, block: int, num_stages: int, reverse: bool):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, table, x0)
+
+
+def _state_table(slope, block: int):
+  """Per-head vectors [H, 3, C] float32 of the local-state kernel: the in-block weight of c's
+  rows forward (lambda^(C-1-j)) and reverse (lambda^(j+1)), and slope * C broadcast (the
+  log-weight per block of distance from the part's end (forward) or start (reverse))."""
+  a = slope.astype(_F32)[:, None]
+  pos = jnp.arange(block, dtype=_F32)[None, :]
+  return jnp.stack([jnp.exp(-a * (block - 1 - pos)), jnp.exp(-a * (pos + 1)),
+                    jnp.broadcast_to(a * block, (a.shape[0], block))], axis=1)
+
+
+def local_state_smem_bytes(block: int, dim: int, stages: int) -> int:
+  """Shared memory of one CTA of `_local_states`: `stages` slots of b and c blocks and of the
+  weighted c, the weight table, the barriers."""
+  num_wg = dim // _VALUE_TILE
+  per_stage = (block * dim + 2 * num_wg * block * _VALUE_TILE) * 2
+  table = num_wg * 3 * block * 4
+  barriers = (stages + stages * num_wg + stages + num_wg) * 8
+  return stages * per_stage + table + barriers
+
+
+def _local_states(b, c, table, *, num_parts: int, first: int, count: int, block: int,
+                  num_stages: int, reverse: bool):
+  """b, c [B, T, H, D] bf16 cut into num_parts equal parts; table [H, 3, C] f32 -> the local
+  states of parts first .. first + count - 1 [B, H, count, D, D] f32 (the docstring of
+  `lightning_local_states_mosaic`)."""
+  batch, seq_len, heads, dim = b.shape
+  part_len = seq_len // num_parts
+  vt = _VALUE_TILE
+  num_wg = dim // vt
+  num_blocks = part_len // block
+  stages = min(num_stages, num_blocks)
+  wgmma_layout = plgpu.Layout.WGMMA
+  rows_layout = plgpu.Layout.WGMMA.reduce(1)
+  weight_row = 1 if reverse else 0
+  b_parts = b.reshape(batch * num_parts, part_len, heads, dim)
+  c_parts = c.reshape(batch * num_parts, part_len, heads, dim)
+
+  def kernel(b_ref, c_ref, table_ref, out_ref, scoped):
+    (b_smem, c_smem, cw_smem, table_smem), barriers = scoped
+    b_bar, c_bar, consumed_bar, table_bar = barriers
+    seq = lax.axis_index("batch") * num_parts + first + lax.axis_index("parts")
+    h = lax.axis_index("heads")
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg < num_wg)
+    def _compute():
+      plgpu.copy_gmem_to_smem(table_ref.at[h], table_smem.at[wg], table_bar.at[wg])
+      plgpu.barrier_wait(table_bar.at[wg])
+      in_block = _load(table_smem.at[wg, weight_row], rows_layout)  # [C]
+      per_block = _load(table_smem.at[wg, 2], rows_layout)  # slope * C, [C]
+
+      def body(n, acc):
+        slot = lax.rem(n, stages)
+        plgpu.barrier_wait(c_bar.at[slot * num_wg + wg])
+        c_tile = plgpu.layout_cast(c_smem.at[slot, wg][...], wgmma_layout)  # [C, vt]
+        distance = (n if reverse else num_blocks - 1 - n).astype(_F32)
+        weight = in_block * jnp.exp(-per_block * distance)
+        weighted = c_tile.astype(_F32) * lax.broadcast_in_dim(weight, (block, vt), [0])
+        cw_smem.at[slot, wg][...] = weighted.astype(_BF16)
+        plgpu.commit_smem()
+        plgpu.barrier_wait(b_bar.at[slot])
+        plgpu.wgmma(acc, b_smem.at[slot].transpose((1, 0)), cw_smem.at[slot, wg])
+        if stages == 1:  # the next block overwrites this slot: wait for this wgmma
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(consumed_bar.at[slot])
+        else:  # the previous block's wgmma is done: release its slot
+          plgpu.wgmma_wait(1)
+
+          @pl.when(n > 0)
+          def _():
+            plgpu.barrier_arrive(consumed_bar.at[lax.rem(n + stages - 1, stages)])
+        return acc
+
+      def accumulate(acc):
+        acc = lax.fori_loop(0, num_blocks, body, acc)
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+      x = pl.run_scoped(accumulate, plgpu.ACC((dim, vt), _F32))
+      out_ref.at[lax.axis_index("batch"), h, lax.axis_index("parts"), :, pl.ds(wg * vt, vt)][
+          ...] = x
+
+    @pl.when(wg == num_wg)
+    def _memory():
+      def issue(n, slot):
+        rows = pl.ds(n * block, block)
+        plgpu.copy_gmem_to_smem(b_ref.at[seq, rows, h], b_smem.at[slot], b_bar.at[slot])
+        for w in range(num_wg):
+          plgpu.copy_gmem_to_smem(c_ref.at[seq, rows, h, pl.ds(w * vt, vt)], c_smem.at[slot, w],
+                                  c_bar.at[slot * num_wg + w])
+
+      for n in range(stages):
+        issue(n, n)
+
+      if num_blocks > stages:
+        @pl.loop(stages, num_blocks)
+        def _(n):
+          slot = lax.rem(n, stages)
+          plgpu.barrier_wait(consumed_bar.at[slot])
+          issue(n, slot)
+
+  def entry(b_ref, c_ref, table_ref, out_ref):
+    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    smem = (
+        plgpu.SMEM((stages, block, dim), _BF16, **tiled),  # b
+        plgpu.SMEM((stages, num_wg, block, vt), _BF16, **tiled),  # c, one slice per warpgroup
+        plgpu.SMEM((stages, num_wg, block, vt), _BF16, **tiled),  # c weighted by decay
+        plgpu.SMEM((num_wg, 3, block), _F32),  # weight table
+    )
+    barriers = (
+        plgpu.Barrier(num_barriers=stages),
+        plgpu.Barrier(num_barriers=stages * num_wg),
+        plgpu.Barrier(num_arrivals=num_wg, num_barriers=stages),
+        plgpu.Barrier(num_barriers=num_wg),
+    )
+    pl.run_scoped(lambda *scoped: kernel(b_ref, c_ref, table_ref, out_ref, scoped),
+                  smem, barriers, collective_axes="wg")
+
+  return plgpu.kernel(
+      entry,
+      out_type=jax.ShapeDtypeStruct((batch, heads, count, dim, dim), _F32),
+      grid=(heads, count, batch),
+      grid_names=("heads", "parts", "batch"),
+      num_threads=num_wg + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(b_parts, c_parts, table)
+
+
+@functools.partial(jax.jit, static_argnames=("num_parts", "first", "count", "reverse",
+                                             "block_size", "num_stages"))
+def lightning_local_states_mosaic(b, c, slope, *, num_parts: int, first: int = 0,
+                                  count: int | None = None, reverse: bool = False,
+                                  block_size: int = 64, num_stages: int = 3):
+  """Local states of equal parts of a sweep from a zero start, on Hopper through Mosaic GPU.
+
+  The sequence is cut into num_parts parts of P = T / num_parts tokens; part r's local state is
+  the sweep's state over that part alone: forward sum_t lambda^((r+1) P - 1 - t) b_t^T c_t
+  (X at the part's last token), reverse sum_t lambda^(t - r P + 1) b_t^T c_t (lambda G at its
+  first token). One CTA per (batch, head, part) accumulates K^T (C * weight) block by block in
+  one wgmma accumulator, the weight of each row its decay to the part's end (start), so the
+  blocks are independent and the loads and wgmmas pipeline like a matmul's.
+
+  Args:
+    b, c: [B, T, H, D] bfloat16, D in {64, 128}, T a multiple of num_parts * block_size.
+    slope: [H]; the decay per token is exp(-slope).
+    num_parts: parts of the sequence.
+    first, count: compute parts first .. first + count - 1 only (count None: to the last).
+    reverse: the reverse sweep's local states (weights from the part's start).
+    block_size: tokens per block, 64 or 128.
+    num_stages: SMEM slots for the b, c blocks.
+
+  Returns:
+    [B, H, count, D, D] float32.
+  """
+  if b.ndim != 4 or b.shape != c.shape:
+    raise ValueError(f"b, c must both be [B, T, H, D]; got {b.shape}, {c.shape}")
+  if any(jnp.dtype(x.dtype) != jnp.dtype(_BF16) for x in (b, c)):
+    raise ValueError(f"b, c must be bfloat16; got {b.dtype}, {c.dtype}")
+  _, seq_len, heads, dim = b.shape
+  if dim not in (64, 128):
+    raise ValueError(f"head dim D must be 64 or 128; got {dim}")
+  if block_size not in (64, 128):
+    raise ValueError(f"block_size must be 64 or 128; got {block_size}")
+  if num_parts < 1 or seq_len == 0 or seq_len % (num_parts * block_size):
+    raise ValueError(f"T={seq_len} must be a positive multiple of num_parts * block_size = "
+                     f"{num_parts} * {block_size}")
+  count = num_parts - first if count is None else count
+  if not 0 <= first < num_parts or not 0 < count <= num_parts - first:
+    raise ValueError(f"parts first={first}, count={count} must lie in [0, {num_parts})")
+  if num_stages < 1:
+    raise ValueError(f"num_stages must be >= 1; got {num_stages}")
+  stages = min(num_stages, seq_len // num_parts // block_size)
+  needed = local_state_smem_bytes(block_size, dim, stages)
+  if needed > _SMEM_LIMIT:
+    raise ValueError(f"block_size={block_size} at D={dim} with {stages} stages needs {needed} "
+                     f"bytes of shared memory, over the {_SMEM_LIMIT} of a Hopper CTA; use fewer "
+                     "num_stages")
+  if slope.shape != (heads,):
+    raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
+  return _local_states(b, c, _state_table(slope, block_size), num_parts=num_parts, first=first,
+                       count=count, block=block_size, num_stages=num_stages, reverse=reverse)
 
 
 @functools.partial(jax.jit, static_argnames=("reverse", "block_size", "num_stages"))

@@ -4,7 +4,7 @@
     o, state = lightning_attention_decode(q, k, v, slope, state, impl="pallas")
     o, states = lightning_attention_decode(q, k, v, slope, states, layer, impl="pallas")
 
-impl: "pallas" (the kernels of `kernel.py`: Mosaic GPU forward on Hopper, Triton sweeps; on CPU
+impl: "pallas" (the kernels of `kernel.py`: Mosaic GPU on Hopper, Triton sweeps elsewhere; on CPU
 only with interpret=True), "blockwise" / "recurrent" / "quadratic" (the jnp references of
 `reference.py`), or "auto" ("pallas" on a GPU backend, "blockwise" elsewhere). The kernels tile
 time by `config.block_size` (KernelConfig); the jnp blockwise path by `block_size`.

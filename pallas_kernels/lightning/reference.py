@@ -84,6 +84,26 @@ def lightning_sweep_recurrent(a, b, c, slope, start=None, *, reverse: bool = Fal
   return jnp.swapaxes(out, 0, 1).astype(a.dtype), carried
 
 
+def lightning_local_states(b, c, slope, *, num_parts: int, first: int = 0,
+                           count: int | None = None, reverse: bool = False):
+  """Local states of equal parts of a sweep from a zero start, in one einsum (the reference of
+  `mosaic.lightning_local_states_mosaic`): the sequence cut into num_parts parts of P tokens,
+  part r's state is forward sum_t lambda^((r+1) P - 1 - t) b_t^T c_t, reverse
+  sum_t lambda^(t - r P + 1) b_t^T c_t, for parts first .. first + count - 1.
+
+  b, c [B, T, H, D] (T a multiple of num_parts); slope [H] -> [B, H, count, D, D] float32.
+  """
+  batch, seq_len, heads, dim = b.shape
+  part_len = seq_len // num_parts
+  count = num_parts - first if count is None else count
+  parts = lambda x: x.astype(jnp.float32).reshape(batch, num_parts, part_len, heads, dim)[
+      :, first:first + count]
+  pos = jnp.arange(part_len, dtype=jnp.float32)
+  exponent = pos + 1 if reverse else part_len - 1 - pos
+  weight = jnp.exp(-slope.astype(jnp.float32)[:, None] * exponent[None, :])  # [H, P]
+  return jnp.einsum("brthd,ht,brthe->bhrde", parts(b), weight, parts(c), precision=_HI)
+
+
 def lightning_attention_quadratic(q, k, v, slope, initial_state=None):
   """Masked decay matrix form, O(T^2) memory. Same signature as the recurrent reference."""
   _check_inputs(q, k, v, slope, initial_state)

@@ -173,23 +173,47 @@ def test_vjp_prepass_variants(config):
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
-@pytest.mark.parametrize("batch, seq_len, min_programs, num_segments",
-                         [(2, 256, 24, 4), (2, 192, 12, 1), (1, 320, 1, 1)])
-def test_mosaic_segments_vs_recurrent(batch, seq_len, min_programs, num_segments, reverse):
-  """The Mosaic sweeps' segment split (pre-pass, scan of start states, B * N sequences), here
-  with the recurrence standing in for the Mosaic kernel (which has no interpreter)."""
+@pytest.mark.parametrize("num_parts, first, count", [(3, 0, None), (4, 1, 2)])
+def test_local_states_reference_vs_recurrent(reverse, num_parts, first, count):
+  """Each part's local state is the sweep's terminal state over that part alone from zero."""
+  a, b, c, slope, _ = _inputs(12, 2, 96, 8, jnp.float32)
+  got = reference.lightning_local_states(b, c, slope, num_parts=num_parts, first=first,
+                                         count=count, reverse=reverse)
+  count = num_parts - first if count is None else count
+  part_len = 96 // num_parts
+  for r in range(count):
+    rows = slice((first + r) * part_len, (first + r + 1) * part_len)
+    _, want = reference.lightning_sweep_recurrent(a[:, rows], b[:, rows], c[:, rows], slope,
+                                                  reverse=reverse)
+    assert _rel_err(got[:, :, r], want) <= TOL[jnp.float32], r
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("batch, seq_len, min_programs, state_split, num_segments, num_parts",
+                         [(2, 256, 24, 1, 4, 4), (1, 512, 12, 2, 4, 8),
+                          (2, 192, 12, 1, 1, 1), (1, 320, 1, 1, 1, 1)])
+def test_mosaic_segments_vs_recurrent(batch, seq_len, min_programs, state_split, num_segments,
+                                      num_parts, reverse):
+  """The Mosaic sweeps' segment split (local states of the parts before each segment, their
+  weighted sum into start states, B * N sequences), here with the recurrence standing in for
+  the sweep kernel and the einsum for the local-state kernel (neither has an interpreter)."""
   a, b, c, slope, start = _inputs(6, batch, seq_len, 32, jnp.float32)
-  plan = kernel_module._mosaic_plan(batch, seq_len, len(SLOPES), 32,
-                                    KernelConfig(min_programs=min_programs))
-  assert plan.num_segments == num_segments
+  plan = kernel_module._mosaic_plan(
+      batch, seq_len, len(SLOPES), 32,
+      KernelConfig(min_programs=min_programs, state_split=state_split))
+  assert (plan.num_segments, plan.num_parts) == (num_segments, num_parts)
   out, final, local = kernel_module._mosaic_sweep(
       a, b, c, slope, start, plan, reverse=reverse, interpret=True,
-      kernel=reference.lightning_sweep_recurrent)
+      kernel=reference.lightning_sweep_recurrent,
+      local_states=reference.lightning_local_states)
   out_ref, final_ref = reference.lightning_sweep_recurrent(a, b, c, slope, start,
                                                            reverse=reverse)
   assert _rel_err(out, out_ref) <= TOL[jnp.float32]
   assert _rel_err(final, final_ref) <= TOL[jnp.float32]
-  assert (local is None) == (num_segments == 1)
+  if num_segments == 1:
+    assert local is None
+  else:  # only the parts some segment starts from: all but the last (first) segment's
+    assert local.shape[2] == num_parts - num_parts // num_segments
 
 
 def test_reverse_sweep_reference_is_the_mirrored_forward():
@@ -215,6 +239,10 @@ def test_mosaic_backward_composition_vs_recurrent(monkeypatch, forward_mosaic, b
   equal the recurrence's autodiff."""
   mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
   monkeypatch.setattr(mosaic, "lightning_sweep_mosaic", reference.lightning_sweep_recurrent)
+  monkeypatch.setattr(  # the kernel's tiling arguments have no meaning for the einsum
+      mosaic, "lightning_local_states_mosaic",
+      lambda *args, block_size, num_stages, **kwargs: reference.lightning_local_states(
+          *args, **kwargs))
   batch, seq_len, dim = 2, 256, 16
   q, k, v, slope, state = _inputs(8, batch, seq_len, dim, jnp.float32)
   plan = kernel_module._plan(batch, seq_len, len(SLOPES), dim,
@@ -277,25 +305,30 @@ def test_mosaic_decay_table_drives_the_blockwise_sweep(reverse):
   assert _rel_err(jnp.stack(states)[None], final_ref) <= TOL[jnp.float32]
 
 
-def _num_mosaic_kernels(text: str) -> int:
-  """Calls of the jitted Mosaic sweep (identical calls share one lowered function, so its
+def _num_mosaic_kernels(text: str, name: str = "lightning_sweep_mosaic") -> int:
+  """Calls of a jitted Mosaic kernel (identical calls share one lowered function, so its
   custom calls undercount)."""
-  return text.count("call @lightning_sweep_mosaic")
+  return text.count(f"call @{name}")
 
 
+@pytest.mark.parametrize("impl", ["mosaic", "auto"])
 @pytest.mark.parametrize("min_programs, num_segments", [(4, 2), (1, 1)])
-def test_mosaic_forward_and_backward_lower_for_cuda(monkeypatch, min_programs, num_segments):
-  """The Mosaic path lowers on CPU for CUDA, forward and reverse kernels: the forward is one
-  Mosaic GPU kernel (and a Triton pre-pass with segments); with backward_impl="mosaic" the
-  backward adds three and one pre-pass (dv's: dq reuses the forward's local states, dk dv's)."""
+def test_mosaic_forward_and_backward_lower_for_cuda(monkeypatch, min_programs, num_segments,
+                                                    impl):
+  """The Mosaic path lowers on CPU for CUDA, forward and reverse kernels, with no Triton kernel:
+  the forward is one Mosaic GPU sweep (and one local-state kernel with segments); with
+  backward_impl="mosaic" the backward adds three sweeps and one local-state kernel (dv's: dq
+  reuses the forward's local states, dk dv's). "auto" takes the same path on Hopper, also
+  where the Mosaic kernels split the sequence and the Triton sweep would not (min_programs 4:
+  2 value tiles x 2 heads fill it)."""
   monkeypatch.setattr(kernel_module, "is_hopper", lambda: True)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   batch, seq_len, heads, dim = 1, 256, 2, 128
   x = jax.ShapeDtypeStruct((batch, seq_len, heads, dim), jnp.bfloat16)
   slope = jax.ShapeDtypeStruct((heads,), jnp.float32)
   state = jax.ShapeDtypeStruct((batch, heads, dim, dim), jnp.float32)
-  config = KernelConfig(min_programs=min_programs, forward_impl="mosaic",
-                        backward_impl="mosaic")
+  config = KernelConfig(min_programs=min_programs, forward_impl=impl, backward_impl=impl)
+  assert kernel_module._plan(batch, seq_len, heads, dim, config).num_segments == 1
   assert kernel_module._mosaic_plan(batch, seq_len, heads, dim, config).num_segments == (
       num_segments)
 
@@ -311,9 +344,39 @@ def test_mosaic_forward_and_backward_lower_for_cuda(monkeypatch, min_programs, n
 
   prepasses = int(num_segments > 1)
   text = lowered(forward)
-  assert _num_mosaic_kernels(text) == 1 and text.count("xla.gpu.triton") == prepasses
+  assert _num_mosaic_kernels(text) == 1 and "xla.gpu.triton" not in text
+  assert _num_mosaic_kernels(text, "lightning_local_states_mosaic") == prepasses
   text = lowered(fwd_bwd)
-  assert _num_mosaic_kernels(text) == 4 and text.count("xla.gpu.triton") == 2 * prepasses
+  assert _num_mosaic_kernels(text) == 4 and "xla.gpu.triton" not in text
+  assert _num_mosaic_kernels(text, "lightning_local_states_mosaic") == 2 * prepasses
+
+
+@pytest.mark.parametrize("dim, block_size, num_stages, reverse",
+                         [(128, 64, 3, False), (128, 64, 1, True), (64, 128, 2, True),
+                          (128, 128, 2, False)])
+def test_mosaic_local_states_lower_for_cuda(dim, block_size, num_stages, reverse):
+  """The local-state kernel lowers through Mosaic GPU on CPU for every tiling the GPU test runs
+  (one and several SMEM stages, both directions, D 64 and 128)."""
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  x = jax.ShapeDtypeStruct((2, 1024, 2, dim), jnp.bfloat16)
+  fn = functools.partial(mosaic.lightning_local_states_mosaic, num_parts=4, first=1, count=2,
+                         reverse=reverse, block_size=block_size, num_stages=num_stages)
+  lowered = jax.jit(fn).trace(x, x, jax.ShapeDtypeStruct((2,), jnp.float32)).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.out_info.shape == (2, 2, 2, dim, dim)
+
+
+def test_mosaic_local_states_reject_bad_parts():
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  x = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+  slope = jnp.ones((2,))
+  with pytest.raises(ValueError, match="multiple of num_parts"):
+    mosaic.lightning_local_states_mosaic(x, x, slope, num_parts=3)
+  with pytest.raises(ValueError, match="first=2, count=3"):
+    mosaic.lightning_local_states_mosaic(x, x, slope, num_parts=4, first=2, count=3)
+  with pytest.raises(ValueError, match="shared memory"):
+    mosaic.lightning_local_states_mosaic(x, x, slope, num_parts=1, block_size=128,
+                                         num_stages=3)
 
 
 def test_mosaic_sweep_rejects_tilings_over_shared_memory():
@@ -334,6 +397,19 @@ def test_mosaic_plan_segments():
   plan = kernel_module._mosaic_plan(1, 15 * 64, 32, 128, KernelConfig())
   assert plan.num_segments == 3  # 15 blocks, 4 wanted: the largest divisor below is 3
   assert kernel_module._mosaic_plan(16, 2048, 16, 128, KernelConfig()).num_segments == 1
+  # The local-state kernel's tiling: block 64 or 128 (else 64), its SMEM stages by default and
+  # as a cap (what fits at D = 128), state_split parts per segment.
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  for fields, want in [({}, (64, 4)), (dict(state_num_stages=2), (64, 2)),
+                       (dict(state_block_size=128, state_num_stages=3), (128, 2)),
+                       (dict(state_block_size=256), (64, 4))]:
+    plan = kernel_module._mosaic_plan(1, 32768, 16, 128, KernelConfig(**fields))
+    assert (plan.state_block, plan.state_num_stages) == want, fields
+    assert mosaic.local_state_smem_bytes(*want[:1], 128, want[1]) <= 227 * 1024
+  assert mosaic.local_state_smem_bytes(64, 128, 5) > 227 * 1024
+  assert mosaic.local_state_smem_bytes(128, 128, 3) > 227 * 1024
+  plan = kernel_module._mosaic_plan(1, 32768, 16, 128, KernelConfig(state_split=2))
+  assert (plan.num_segments, plan.num_parts) == (8, 16)
 
 
 def test_forward_impl_selection():
@@ -549,6 +625,25 @@ def test_gpu_mosaic_sweep_matches_recurrent(reverse, dim, block_size, num_stages
   assert out.dtype == jnp.bfloat16 and final.dtype == jnp.float32
   assert _rel_err(out, out_ref) <= TOL[jnp.bfloat16]
   assert _rel_err(final, final_ref) <= TOL[jnp.bfloat16]
+
+
+@pytest.mark.gpu
+@requires_hopper
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dim, block_size, num_stages", [(64, 64, 2), (128, 64, 3),
+                                                        (128, 64, 1), (128, 128, 2)])
+def test_gpu_mosaic_local_states_match_reference(reverse, dim, block_size, num_stages):
+  """The local-state kernel on parts 1 and 2 of 4 (8 blocks of 64 or 4 of 128 each, more than
+  the SMEM stages) against the float32 einsum."""
+  mosaic = importlib.import_module("pallas_kernels.lightning.mosaic")
+  _, b, c, slope, _ = _inputs(13, 2, 2048, dim, jnp.bfloat16)
+  got = mosaic.lightning_local_states_mosaic(b, c, slope, num_parts=4, first=1, count=2,
+                                             reverse=reverse, block_size=block_size,
+                                             num_stages=num_stages)
+  want = reference.lightning_local_states(b, c, slope, num_parts=4, first=1, count=2,
+                                          reverse=reverse)
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  assert _rel_err(got, want) <= TOL[jnp.bfloat16]
 
 
 @pytest.mark.gpu
