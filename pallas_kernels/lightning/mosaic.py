@@ -76,6 +76,24 @@ def _load(ref, layout):
   return plgpu.load(ref, layout=layout, optimized=False)
 
 
+# SMEM layout of every bf16 tile the kernels feed to wgmma: 64-column tiles, 128-byte swizzle.
+_SWIZZLED = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+
+
+def _issue_ahead(issue, stages: int, num_blocks: int, consumed_bar):
+  """The memory warpgroup's loop: `issue(n, slot)` TMA-loads block n; the first `stages` blocks
+  fill the slots, each later one waits until the compute warpgroups consumed its slot."""
+  for n in range(stages):
+    issue(n, n)
+
+  if num_blocks > stages:
+    @pl.loop(stages, num_blocks)
+    def _(n):
+      slot = lax.rem(n, stages)
+      plgpu.barrier_wait(consumed_bar.at[slot])
+      issue(n, slot)
+
+
 def _decay_table(slope, block: int, dim: int, reverse: bool):
   """Per-head vectors [H, 5, max(C, D)] float32 (rows zero-padded to the common length).
 
@@ -206,18 +224,10 @@ def _sweep(q, k, v, table, x0, *, block: int, num_stages: int, reverse: bool):
           plgpu.copy_gmem_to_smem(v_ref.at[b, rows, h, pl.ds(w * vt, vt)], v_smem.at[slot, w],
                                   v_bar.at[slot * num_wg + w])
 
-      for n in range(stages):
-        issue(n, n)
-
-      if num_blocks > stages:
-        @pl.loop(stages, num_blocks)
-        def _(n):
-          slot = lax.rem(n, stages)
-          plgpu.barrier_wait(consumed_bar.at[slot])
-          issue(n, slot)
+      _issue_ahead(issue, stages, num_blocks, consumed_bar)
 
   def entry(q_ref, k_ref, v_ref, table_ref, x0_ref, o_ref, x_end_ref):
-    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    tiled = _SWIZZLED
     smem = (
         plgpu.SMEM((stages, block, dim), _BF16, **tiled),  # q
         plgpu.SMEM((stages, block, dim), _BF16, **tiled),  # k
@@ -249,6 +259,23 @@ def _sweep(q, k, v, table, x0, *, block: int, num_stages: int, reverse: bool):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q, k, v, table, x0)
+
+
+def _check_operands(arrays: dict, block_size: int, num_stages: int):
+  """Raises ValueError unless the named arrays are bfloat16 [B, T, H, D] of one shape with D in
+  {64, 128}, block_size in {64, 128} and num_stages >= 1."""
+  names, shapes = ", ".join(arrays), [x.shape for x in arrays.values()]
+  if len(shapes[0]) != 4 or any(shape != shapes[0] for shape in shapes):
+    raise ValueError(f"{names} must all be [B, T, H, D]; got " + ", ".join(map(str, shapes)))
+  if any(jnp.dtype(x.dtype) != jnp.dtype(_BF16) for x in arrays.values()):
+    raise ValueError(f"{names} must be bfloat16; got "
+                     + ", ".join(str(x.dtype) for x in arrays.values()))
+  if shapes[0][-1] not in (64, 128):
+    raise ValueError(f"head dim D must be 64 or 128; got {shapes[0][-1]}")
+  if block_size not in (64, 128):
+    raise ValueError(f"block_size must be 64 or 128; got {block_size}")
+  if num_stages < 1:
+    raise ValueError(f"num_stages must be >= 1; got {num_stages}")
 
 
 def _state_table(slope, block: int):
@@ -342,18 +369,10 @@ def _local_states(b, c, table, *, num_parts: int, first: int, count: int, block:
           plgpu.copy_gmem_to_smem(c_ref.at[seq, rows, h, pl.ds(w * vt, vt)], c_smem.at[slot, w],
                                   c_bar.at[slot * num_wg + w])
 
-      for n in range(stages):
-        issue(n, n)
-
-      if num_blocks > stages:
-        @pl.loop(stages, num_blocks)
-        def _(n):
-          slot = lax.rem(n, stages)
-          plgpu.barrier_wait(consumed_bar.at[slot])
-          issue(n, slot)
+      _issue_ahead(issue, stages, num_blocks, consumed_bar)
 
   def entry(b_ref, c_ref, table_ref, out_ref):
-    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    tiled = _SWIZZLED
     smem = (
         plgpu.SMEM((stages, block, dim), _BF16, **tiled),  # b
         plgpu.SMEM((stages, num_wg, block, vt), _BF16, **tiled),  # c, one slice per warpgroup
@@ -406,23 +425,14 @@ def lightning_local_states_mosaic(b, c, slope, *, num_parts: int, first: int = 0
   Returns:
     [B, H, count, D, D] float32.
   """
-  if b.ndim != 4 or b.shape != c.shape:
-    raise ValueError(f"b, c must both be [B, T, H, D]; got {b.shape}, {c.shape}")
-  if any(jnp.dtype(x.dtype) != jnp.dtype(_BF16) for x in (b, c)):
-    raise ValueError(f"b, c must be bfloat16; got {b.dtype}, {c.dtype}")
+  _check_operands({"b": b, "c": c}, block_size, num_stages)
   _, seq_len, heads, dim = b.shape
-  if dim not in (64, 128):
-    raise ValueError(f"head dim D must be 64 or 128; got {dim}")
-  if block_size not in (64, 128):
-    raise ValueError(f"block_size must be 64 or 128; got {block_size}")
   if num_parts < 1 or seq_len == 0 or seq_len % (num_parts * block_size):
     raise ValueError(f"T={seq_len} must be a positive multiple of num_parts * block_size = "
                      f"{num_parts} * {block_size}")
   count = num_parts - first if count is None else count
   if not 0 <= first < num_parts or not 0 < count <= num_parts - first:
     raise ValueError(f"parts first={first}, count={count} must lie in [0, {num_parts})")
-  if num_stages < 1:
-    raise ValueError(f"num_stages must be >= 1; got {num_stages}")
   stages = min(num_stages, seq_len // num_parts // block_size)
   needed = local_state_smem_bytes(block_size, dim, stages)
   if needed > _SMEM_LIMIT:
@@ -454,19 +464,10 @@ def lightning_sweep_mosaic(a, b, c, slope, start=None, *, reverse: bool = False,
     out [B, T, H, D] bfloat16 and the final state [B, H, D, D] float32 (X_{T-1} forward,
     lambda G_0 reverse).
   """
-  if a.ndim != 4 or a.shape != b.shape or a.shape != c.shape:
-    raise ValueError(f"a, b, c must all be [B, T, H, D]; got {a.shape}, {b.shape}, {c.shape}")
-  if any(jnp.dtype(x.dtype) != jnp.dtype(_BF16) for x in (a, b, c)):
-    raise ValueError(f"a, b, c must be bfloat16; got {a.dtype}, {b.dtype}, {c.dtype}")
+  _check_operands({"a": a, "b": b, "c": c}, block_size, num_stages)
   batch, seq_len, heads, dim = a.shape
-  if dim not in (64, 128):
-    raise ValueError(f"head dim D must be 64 or 128; got {dim}")
-  if block_size not in (64, 128):
-    raise ValueError(f"block_size must be 64 or 128; got {block_size}")
   if seq_len == 0 or seq_len % block_size:
     raise ValueError(f"T must be a positive multiple of block_size={block_size}; got {seq_len}")
-  if num_stages < 1:
-    raise ValueError(f"num_stages must be >= 1; got {num_stages}")
   stages = min(num_stages, seq_len // block_size)
   needed = smem_bytes(block_size, dim, stages)
   if needed > _SMEM_LIMIT:
