@@ -278,6 +278,18 @@ def _check_operands(arrays: dict, block_size: int, num_stages: int):
     raise ValueError(f"num_stages must be >= 1; got {num_stages}")
 
 
+def _check_smem(bytes_of, block: int, dim: int, stages: int):
+  """Raises ValueError, naming the most stages that fit, when `bytes_of(block, dim, stages)`
+  (a kernel's shared memory per CTA) exceeds a Hopper CTA's."""
+  needed = bytes_of(block, dim, stages)
+  if needed > _SMEM_LIMIT:
+    fits = next((n for n in range(stages - 1, 0, -1) if bytes_of(block, dim, n) <= _SMEM_LIMIT),
+                None)
+    hint = f"num_stages={fits}" if fits else "a smaller block_size"
+    raise ValueError(f"block_size={block} at D={dim} with {stages} stages needs {needed} "
+                     f"bytes of shared memory, over the {_SMEM_LIMIT} of a Hopper CTA; use {hint}")
+
+
 def _state_table(slope, block: int):
   """Per-head vectors [H, 3, C] float32 of the local-state kernel: the in-block weight of c's
   rows forward (lambda^(C-1-j)) and reverse (lambda^(j+1)), and slope * C broadcast (the
@@ -434,11 +446,7 @@ def lightning_local_states_mosaic(b, c, slope, *, num_parts: int, first: int = 0
   if not 0 <= first < num_parts or not 0 < count <= num_parts - first:
     raise ValueError(f"parts first={first}, count={count} must lie in [0, {num_parts})")
   stages = min(num_stages, seq_len // num_parts // block_size)
-  needed = local_state_smem_bytes(block_size, dim, stages)
-  if needed > _SMEM_LIMIT:
-    raise ValueError(f"block_size={block_size} at D={dim} with {stages} stages needs {needed} "
-                     f"bytes of shared memory, over the {_SMEM_LIMIT} of a Hopper CTA; use fewer "
-                     "num_stages")
+  _check_smem(local_state_smem_bytes, block_size, dim, stages)
   if slope.shape != (heads,):
     raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
   return _local_states(b, c, _state_table(slope, block_size), num_parts=num_parts, first=first,
@@ -469,13 +477,7 @@ def lightning_sweep_mosaic(a, b, c, slope, start=None, *, reverse: bool = False,
   if seq_len == 0 or seq_len % block_size:
     raise ValueError(f"T must be a positive multiple of block_size={block_size}; got {seq_len}")
   stages = min(num_stages, seq_len // block_size)
-  needed = smem_bytes(block_size, dim, stages)
-  if needed > _SMEM_LIMIT:
-    fits = next((n for n in range(stages - 1, 0, -1)
-                 if smem_bytes(block_size, dim, n) <= _SMEM_LIMIT), None)
-    hint = f"num_stages={fits}" if fits else "a smaller block_size"
-    raise ValueError(f"block_size={block_size} at D={dim} with {stages} stages needs {needed} "
-                     f"bytes of shared memory, over the {_SMEM_LIMIT} of a Hopper CTA; use {hint}")
+  _check_smem(smem_bytes, block_size, dim, stages)
   if slope.shape != (heads,):
     raise ValueError(f"slope must be [H]=[{heads}]; got {slope.shape}")
   if start is None:
