@@ -81,12 +81,15 @@ def main(argv):
 
   if contexts:
     params = {name: model.init(cfg, jax.random.key(_SEED.value)) for name, cfg in configs.items()}
+    write = lambda timings, log: reporting.write_results(
+        _OUT_DIR.value, "long_context", timings, long_context.table(timings), log)
+    # The files after each point (a run stopped by a time limit keeps them); the table once.
     timings, _ = long_context.time_contexts(configs, params, contexts, _BATCH.value,
-                                            _NEW_TOKENS.value, _REPS.value, _SEED.value, log)
+                                            _NEW_TOKENS.value, _REPS.value, _SEED.value, log,
+                                            on_point=lambda so_far: write(so_far, lambda _: None))
     del params
     long_context.free_device_memory()
-    reporting.write_results(_OUT_DIR.value, "long_context", timings, long_context.table(timings),
-                            log)
+    write(timings, log)
 
   if _FIND_MAX.value:
     results = []
@@ -99,8 +102,9 @@ def main(argv):
       del params
       long_context.free_device_memory()
       log(long_context.max_table(results[-1:]))
-    reporting.write_results(_OUT_DIR.value, "long_context_max", results,
-                            long_context.max_table(results), log)
+      reporting.write_results(_OUT_DIR.value, "long_context_max", results,
+                              long_context.max_table(results), lambda _: None)
+    log(long_context.max_table(results))
 
 
 if __name__ == "__main__":

@@ -154,10 +154,11 @@ def time_point(name: str, cfg: ModelConfig, params, batch: int, context: int, ne
 
 def time_contexts(configs: dict[str, ModelConfig], params: dict[str, Any],
                   contexts: Sequence[int], batch: int, new_tokens: int, reps: int = 3,
-                  seed: int = 0, log=print
+                  seed: int = 0, log=print, on_point: Callable[[list], Any] | None = None
                   ) -> tuple[list[LongContextTiming], dict[tuple[str, int], np.ndarray]]:
   """Every (model, context) point, contexts ascending, the models side by side at each ->
-  (timings, {(model, context): tokens [B, N]})."""
+  (timings, {(model, context): tokens [B, N]}). on_point(timings so far) runs after each point
+  (the script writes its files there, so a run cut short keeps what it measured)."""
   timings, tokens = [], {}
   for context in sorted(contexts):
     for name, cfg in configs.items():
@@ -169,6 +170,8 @@ def time_contexts(configs: dict[str, ModelConfig], params: dict[str, Any],
           f"{timing.prefill_compile_s:.1f} + {timing.compile_s:.1f} s, XLA estimate "
           f"{timing.xla_estimate_gib:.3g} GiB, device peak {_peak_cell(timing) or 'n/a'} GiB")
       timings.append(timing)
+      if on_point is not None:
+        on_point(timings)
   return timings, tokens
 
 

@@ -1,13 +1,15 @@
-r"""Cost vs context length: lightning against softmax attention, from the two GPU benchmarks' CSVs.
+r"""Cost vs context length: lightning against softmax attention, from the GPU benchmarks' CSVs.
 
 Left: forward time per token (us) against sequence length T of one attention layer (H heads,
 D = 128, bf16, B * T fixed): lightning attention (ours: the Pallas kernel; fla's Triton kernel)
 against causal softmax attention (cuDNN flash attention), from experiments/bench_lightning.py.
-Right: decode step time (ms) against context length for the hybrid model (7 lightning : 1 softmax)
-and its all-softmax twin, with the fitted slope of each: from experiments/bench_generate.py (a
-cache filled with random values) and, with --long_context_csv, from
-experiments/bench_long_context.py (decoding after a real prefill of the context, squares); either
-input may be left out (--generate_csv=''), not both.
+Middle (with --long_context_csv): the whole model's prefill, prompt in and first token out,
+against the prompt length, hybrid (7 lightning : 1 softmax) against its all-softmax twin, from
+experiments/bench_long_context.py.
+Right: decode step time (ms) against context length for the two models, with the fitted slope
+of each: from experiments/bench_generate.py (a cache filled with random values) and, with
+--long_context_csv, from experiments/bench_long_context.py (decoding after a real prefill of the
+context, squares); either input may be left out (--generate_csv=''), not both.
 
 Writes --out_png and, beside it, a markdown table of the plotted points (same name, .md).
 
@@ -66,6 +68,7 @@ _KERNEL_SERIES = {
     "fla": ("lightning, fla (Triton)", "tab:orange", "-"),
     "cudnn-softmax": ("softmax, cuDNN flash attention", "tab:blue", "--"),
 }
+_PREFILL_TITLE = "Prefill (prompt in, first token out) against context (bench_long_context)"
 _GENERATE_SERIES = {"hybrid": ("tab:red", "-"), "all_softmax": ("tab:blue", "--")}
 _CASTS = {"int": int, "float": float, "str": str}
 
@@ -77,6 +80,15 @@ class DecodePoint:
   context: int
   batch: int
   ms_per_step: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillPoint:
+  """bench_long_context's prefill column (prefill_s: prompt in, first token out)."""
+  model: str
+  context: int
+  batch: int
+  prefill_s: float
 
 
 def read_rows(path: str, row_type, flag: str) -> list:
@@ -120,11 +132,12 @@ def kernel_series(rows, kind: str, heads: int) -> tuple[int, dict[str, list[tupl
   return heads, series
 
 
-def generate_series(rows, flag: str) -> dict[tuple[str, int], list[tuple[int, float]]]:
-  """{(model, batch): [(context, ms per decode step)]}; needs hybrid and all_softmax rows."""
+def model_series(rows, flag: str, field: str = "ms_per_step"
+                 ) -> dict[tuple[str, int], list[tuple[int, float]]]:
+  """{(model, batch): [(context, row.<field>)]}; needs hybrid and all_softmax rows."""
   series = {}
   for r in rows:
-    series.setdefault((r.model, r.batch), []).append((r.context, r.ms_per_step))
+    series.setdefault((r.model, r.batch), []).append((r.context, getattr(r, field)))
   models = {name for name, _ in series}
   if not {"hybrid", "all_softmax"} <= models:
     raise ValueError(f"--{flag}: needs rows of models 'hybrid' and 'all_softmax'; found "
@@ -145,21 +158,40 @@ def _decode_table(series, rows) -> str:
             for name, batch in series]])
 
 
-def tables(kind, heads, kernel, decode) -> str:
-  """decode: {flag: (series, rows)} of the decode inputs given."""
+def _prefill_table(series) -> str:
+  """Context by (model, batch) of prefill seconds, and all_softmax / hybrid at each batch."""
+  contexts = sorted({c for points in series.values() for c, _ in points})
+  by_model = {key: dict(points) for key, points in series.items()}
+  batches = sorted({batch for name, batch in series
+                    if {("hybrid", batch), ("all_softmax", batch)} <= set(series)})
+  def ratio(c, batch):
+    hybrid, twin = by_model[("hybrid", batch)], by_model[("all_softmax", batch)]
+    return f"{twin[c] / hybrid[c]:.3g}" if c in hybrid and c in twin else "-"
+  return reporting.markdown_table(
+      ["context"] + [f"{name} batch {batch} (s)" for name, batch in series]
+      + [f"all_softmax / hybrid, batch {batch}" for batch in batches],
+      [[c] + [f"{by_model[key][c]:.4g}" if c in by_model[key] else "-" for key in series]
+       + [ratio(c, batch) for batch in batches] for c in contexts])
+
+
+def tables(kind, heads, kernel, decode, prefill=None) -> str:
+  """decode: {flag: (series, rows)} of the decode inputs given; prefill: its series or None."""
   lengths = sorted({t for points in kernel.values() for t, _ in points})
   by_impl = {impl: dict(points) for impl, points in kernel.items()}
   kernel_table = reporting.markdown_table(
       ["T"] + [f"{_KERNEL_SERIES[impl][0]} (us/token)" for impl in kernel],
       [[t] + [f"{by_impl[impl][t]:.4g}" if t in by_impl[impl] else "-" for impl in kernel]
        for t in lengths])
-  return "\n\n".join([f"Attention kernel, {kind}, {heads} heads, time per token:\n\n{kernel_table}"]
-                     + [f"{_DECODE_SOURCES[flag][0]}:\n\n{_decode_table(series, rows)}"
-                        for flag, (series, rows) in decode.items()])
+  return "\n\n".join(
+      [f"Attention kernel, {kind}, {heads} heads, time per token:\n\n{kernel_table}"]
+      + ([f"{_PREFILL_TITLE}:\n\n{_prefill_table(prefill)}"] if prefill else [])
+      + [f"{_DECODE_SOURCES[flag][0]}:\n\n{_decode_table(series, rows)}"
+         for flag, (series, rows) in decode.items()])
 
 
-def plot(kind, heads, kernel, decode, kernel_rows, path: str) -> None:
-  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+def plot(kind, heads, kernel, decode, kernel_rows, path: str, prefill=None) -> None:
+  fig, axes = plt.subplots(1, 3 if prefill else 2, figsize=(18 if prefill else 12, 4.8))
+  left, right = axes[0], axes[-1]
   for impl, points in kernel.items():
     label, color, style = _KERNEL_SERIES[impl]
     left.plot(*zip(*points), marker="o", color=color, linestyle=style, label=label)
@@ -180,7 +212,22 @@ def plot(kind, heads, kernel, decode, kernel_rows, path: str) -> None:
             title="whole model, one decode step")
   right.set_xscale("log", base=2)
   right.set_ylim(bottom=0)
-  for ax in (left, right):
+  if prefill:
+    middle = axes[1]
+    for (name, batch), points in prefill.items():
+      color, style = _GENERATE_SERIES.get(name, ("tab:gray", ":"))
+      label = f"{name}, batch {batch}"
+      hybrid = dict(prefill.get(("hybrid", batch), []))
+      common = [c for c, _ in points if c in hybrid]
+      if name != "hybrid" and common:
+        longest = max(common)
+        label += f" ({dict(points)[longest] / hybrid[longest]:.3g}x the hybrid at {longest})"
+      middle.plot(*zip(*points), marker="s", color=color, linestyle=style, label=label)
+    middle.set(xscale="log", yscale="log", xlabel="prompt length (tokens)",
+               ylabel="prefill, prompt in to first token (s)",
+               title="whole model, prefill (bench_long_context)")
+    middle.set_xscale("log", base=2)
+  for ax in axes:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
   fig.suptitle("Lightning vs softmax attention: cost as the context grows")
@@ -201,10 +248,14 @@ def main(argv):
   for flag, path in paths.items():
     if path:
       rows = read_rows(path, DecodePoint, flag)
-      decode[flag] = (generate_series(rows, flag), rows)
+      decode[flag] = (model_series(rows, flag), rows)
+  prefill = None
+  if paths["long_context_csv"]:
+    prefill = model_series(read_rows(paths["long_context_csv"], PrefillPoint, "long_context_csv"),
+                           "long_context_csv", "prefill_s")
   heads, kernel = kernel_series(kernel_rows, _KERNEL_KIND.value, _HEADS.value)
-  plot(_KERNEL_KIND.value, heads, kernel, decode, kernel_rows, _OUT_PNG.value)
-  text = tables(_KERNEL_KIND.value, heads, kernel, decode)
+  plot(_KERNEL_KIND.value, heads, kernel, decode, kernel_rows, _OUT_PNG.value, prefill)
+  text = tables(_KERNEL_KIND.value, heads, kernel, decode, prefill)
   with open(os.path.splitext(_OUT_PNG.value)[0] + ".md", "w") as f:
     f.write(text + "\n")
   print(text)

@@ -28,9 +28,11 @@ def test_timed_points_give_one_row_each_and_the_tokens_of_a_plain_generate_call(
   configs = long_context.all_models(hybrid)
   assert configs["all_softmax"].attn_type_list == (1, 1)
   params = {name: model.init(cfg, jax.random.key(0)) for name, cfg in configs.items()}
-  logged = []
+  logged, seen = [], []
   timings, tokens = long_context.time_contexts(configs, params, [CONTEXT], 1, NEW_TOKENS,
-                                               reps=1, log=logged.append)
+                                               reps=1, log=logged.append,
+                                               on_point=lambda so_far: seen.append(len(so_far)))
+  assert seen == [1, 2]  # after every point, with the points so far
   assert [(t.model, t.context) for t in timings] == [("hybrid", CONTEXT),
                                                      ("all_softmax", CONTEXT)]
   assert len(logged) == 4  # a line before and after every point
@@ -129,3 +131,26 @@ def test_a_misspelled_model_override_stops_before_anything_is_written(tmp_path):
   assert result.returncode != 0
   assert "model override 'moe_gemm_imp=xla'" in result.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_the_script_writes_the_timed_points_and_each_model_s_search(tmp_path):
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  out = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_long_context", "--preset=tiny", "--models=hybrid",
+       f"--contexts={CONTEXT}", f"--new_tokens={NEW_TOKENS}", "--reps=1", "--find_max",
+       f"--max_context={4 * CONTEXT}", f"--max_resolution={CONTEXT}", f"--out_dir={out}"],
+      cwd=root, capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out / "long_context.csv", newline="") as f:
+    timed = list(csv.DictReader(f))
+  assert [(r["model"], int(r["context"])) for r in timed] == [("hybrid", CONTEXT)]
+  with open(out / "long_context_max.csv", newline="") as f:
+    (found,) = list(csv.DictReader(f))
+  # Doubling from the timed context to the limit: 128 and 256 fit, so the limit itself is the max.
+  assert (found["model"], int(found["max_context"]), found["first_failure"]) == (
+      "hybrid", 4 * CONTEXT, "")
+  assert found["attempts"] == f"{2 * CONTEXT} ok, {4 * CONTEXT} ok"
+  log = (out / "long_context.log").read_text()
+  assert f"context {4 * CONTEXT:>8d}: fits" in log

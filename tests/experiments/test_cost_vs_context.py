@@ -72,6 +72,7 @@ def test_plot_and_table_from_synthetic_csvs(tmp_path):
   # Decode slopes per 1K context: hybrid (5.1 - 5.0) / 2 = 0.05; all-softmax (6.5 - 5.5) / 2 = 0.5.
   assert "| 1024 | 5 | 5.5 |" in table
   assert "| slope (ms per 1K context) | 0.05 | 0.5 |" in table
+  assert "Prefill" not in table  # only with --long_context_csv
   assert table.strip() in result.stdout
 
 
@@ -113,6 +114,11 @@ def test_long_context_csv_joins_or_replaces_the_bench_generate_series(tmp_path):
   assert "| context | hybrid batch 1 (ms/step) | all_softmax batch 1 (ms/step) |" in long_table
   assert "| 8192 | 3 | 4 |" in long_table and "| 32768 | 3.3 | 7 |" in long_table
   assert "| slope (ms per 1K context) | 0.0125 | 0.125 |" in long_table
+  # The prefill table: seconds per model and all-softmax / hybrid (0.3 / 0.2, 1.5 / 0.8).
+  prefill_table = table.split("Prefill (prompt in, first token out)")[1].split("Decode step")[0]
+  assert "| context | hybrid batch 1 (s) | all_softmax batch 1 (s) |" in prefill_table
+  assert "| 8192 | 0.2 | 0.3 | 1.5 |" in prefill_table
+  assert "| 32768 | 0.8 | 1.5 | 1.88 |" in prefill_table
 
   result, out_png = _run(tmp_path, kernel_csv, "", f"--long_context_csv={long_csv}")
   assert result.returncode == 0, result.stderr
@@ -121,3 +127,9 @@ def test_long_context_csv_joins_or_replaces_the_bench_generate_series(tmp_path):
   result, _ = _run(tmp_path, kernel_csv, "")
   assert result.returncode != 0
   assert "--generate_csv and --long_context_csv are both empty" in result.stderr
+  no_prefill = tmp_path / "no_prefill.csv"
+  no_prefill.write_text("model,context,batch,ms_per_step\nhybrid,8192,1,3.0\n"
+                        "all_softmax,8192,1,4.0\n")
+  result, _ = _run(tmp_path, kernel_csv, "", f"--long_context_csv={no_prefill}")
+  assert result.returncode != 0
+  assert "--long_context_csv" in result.stderr and "'prefill_s'" in result.stderr
