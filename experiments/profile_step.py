@@ -12,7 +12,8 @@ code emitted it (experiments/benchmarks/profile.py).
 generate: the prefill and every decode step are in one call; components are prefixed by their
 phase ("prefill: ...", "decode: ..."), and the decode rows are also given per decode step
 (--new_tokens - 1 steps, no EOS). Writes profile_<step>.md (the component table and the top
-HLO ops), components_<step>.csv and ops_<step>.csv to --out_dir.
+HLO ops), components_<step>.csv and ops_<step>.csv to --out_dir, and with --dump_hlo the
+optimized HLO of the program (hlo_<step>.txt).
 """
 
 import os
@@ -39,6 +40,8 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 256, "generate: tokens per row 
 _REPS = flags.DEFINE_integer("reps", 3, "Profiled calls (after one untimed call).")
 _TOP = flags.DEFINE_integer("top", 30, "HLO ops listed.")
 _OUT_DIR = flags.DEFINE_string("out_dir", "results/profile", "Output folder.")
+_DUMP_HLO = flags.DEFINE_bool("dump_hlo", False, "Also write the compiled program's optimized HLO "
+                              "(hlo_<step>.txt), where the ops table's HLO op names are defined.")
 
 
 def _train_program(cfg):
@@ -73,6 +76,9 @@ def main(argv):
                       **reporting.model_overrides(_OVERRIDES.value))
   build = _train_program if _STEP.value == "train" else _generate_program
   compiled, args = build(cfg)
+  if _DUMP_HLO.value:
+    with open(os.path.join(_OUT_DIR.value, f"hlo_{_STEP.value}.txt"), "w") as f:
+      f.write(compiled.as_text())
   result = profile.profile(compiled, args, _REPS.value, profile.model_classifier(cfg),
                            top=_TOP.value)
   log("events per trace line: " + ", ".join(f"{k}: {v}" for k, v in result.lines.items()))

@@ -238,14 +238,35 @@ def _prefill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, length
   return logits, prefill.cache
 
 
+def _unstacked(cfg: ModelConfig) -> bool:
+  """Whether the decode loop reads one array per layer group and per softmax layer's KV cache:
+  when the scan over several layer groups is unrolled anyway. From stacked arrays, XLA copies
+  every group's weights and the whole KV cache (several times) at every step."""
+  return cfg.layer_scan_unroll >= cfg.num_layer_groups > 1
+
+
+def _decode_params(cfg: ModelConfig, params):
+  """The weights the decode loop reads: in compute dtype (made once per call, not per step),
+  unstacked by layer group (model.unstack_layer_groups) where `_unstacked`."""
+  params = model.compute_params(cfg, params)
+  return model.unstack_layer_groups(cfg, params) if _unstacked(cfg) else params
+
+
+def _decode_cache(cfg: ModelConfig, cache: model.DecodeCache) -> model.DecodeCache:
+  """The cache the decode loop carries: one KV array per layer (model.unstack_cache) where
+  `_unstacked`."""
+  return model.unstack_cache(cache) if _unstacked(cfg) else cache
+
+
 def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, row_ids):
   """The jitted program. tokens int32 [B, P]; mask bool [B, P]; key: PRNG key; row_ids int32 [B]."""
-  params = model.compute_params(cfg, params)  # 16-bit weights read at every decode step
+  params = _decode_params(cfg, params)
   batch, prompt_width = tokens.shape
   n = gen.max_new_tokens
   tokens, mask = _left_align(tokens, mask, gen.pad_id)
   prompt_lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
   logits, cache = _prefill(cfg, gen, params, tokens, mask, prompt_width + n - 1)
+  cache = _decode_cache(cfg, cache)
   row_keys = jax.vmap(jax.random.fold_in, (None, 0))(key, row_ids)
   stop_rules = _stop_rules(cfg, gen)
 
@@ -336,7 +357,7 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
   positions), so each prompt's output equals generating it alone with the same row id (to
   floating-point summation order).
   """
-  params = model.compute_params(cfg, params)
+  params = _decode_params(cfg, params)
   num_prompts, width = tokens.shape
   n, slots = gen.max_new_tokens, gen.slots
   refill = gen.refill_rows or max(1, slots // 4)
@@ -385,13 +406,17 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
     cache = state.cache
     columns = (cache.index - width + jnp.arange(width)) % ring  # the prompt ends before index
     rows_ok = jnp.where(take, rows, slots)  # dropped writes for rows not taken
+
+    def put(slots_kv, new_kv):  # the new rows' prompts into their slots of every layer
+      if isinstance(slots_kv, tuple):  # [B, S, KV, D] per layer
+        return tuple(put(layer[None], new[None])[0] for layer, new in zip(slots_kv, new_kv))
+      return slots_kv.at[:, rows_ok[:, None], columns[None, :]].set(
+          new_kv.astype(slots_kv.dtype), mode="drop")
+
     cache = cache.replace(
         lightning_states=cache.lightning_states.at[:, rows_ok].set(small.lightning_states,
                                                                    mode="drop"),
-        keys=cache.keys.at[:, rows_ok[:, None], columns[None, :]].set(
-            small.keys.astype(cache.keys.dtype), mode="drop"),
-        values=cache.values.at[:, rows_ok[:, None], columns[None, :]].set(
-            small.values.astype(cache.values.dtype), mode="drop"),
+        keys=put(cache.keys, small.keys), values=put(cache.values, small.values),
         slot_mask=cache.slot_mask.at[rows_ok].set(False, mode="drop")
         .at[rows_ok[:, None], columns[None, :]].set(mask[safe] & take[:, None], mode="drop"))
     state = state._replace(
@@ -440,7 +465,7 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
       lengths=jnp.zeros((num_prompts + 1,), jnp.int32),
       finish_reasons=jnp.full((num_prompts + 1,), FinishReason.LENGTH, jnp.int32),
       slot_steps=jnp.zeros((), jnp.int32), finished_slot_steps=jnp.zeros((), jnp.int32),
-      cache=model.init_cache(cfg, slots, ring, kv_dtype),
+      cache=_decode_cache(cfg, model.init_cache(cfg, slots, ring, kv_dtype)),
       experts=_no_experts(cfg, gen, num_prompts + 1))
   state = fill(state, slots)  # the first prompts into every slot
   state = jax.lax.while_loop(keep_going, step, state)

@@ -16,9 +16,11 @@ import numpy as np
 from m1jax import sharding as sharding_lib
 from m1jax.config import ModelConfig
 from m1jax.model.moe import RouterStats, RoutingReplay, aux_loss, expert_id_dtype
-from m1jax.model.transformer import DecodeCache, Transformer, init_cache, lm_head_logits
+from m1jax.model.transformer import (DecodeCache, Transformer, init_cache, lm_head_logits,
+                                     unstack_cache)
 
 __all__ = ["ModelOutput", "DecodeCache", "RoutingReplay", "init", "abstract_params",
+           "unstack_layer_groups", "unstack_cache",
            "compute_params", "forward", "init_cache", "layer_params", "logical_axes",
            "param_counts", "lm_head_logits", "positions_from_mask", "expert_id_dtype"]
 
@@ -151,7 +153,25 @@ def layer_params(cfg: ModelConfig, params, layer: int) -> dict[str, Any]:
   if not 0 <= layer < cfg.num_hidden_layers:
     raise ValueError(f"layer={layer}: the model has {cfg.num_hidden_layers} layers")
   group, j = divmod(layer, cfg.layer_period)
+  if "layers" not in params:  # unstack_layer_groups
+    return params[f"layers_{group}"][f"layer_{j}"]
   return jax.tree.map(lambda x: x[group], params["layers"][f"layer_{j}"])
+
+
+def unstack_layer_groups(cfg: ModelConfig, params) -> dict[str, Any]:
+  """params with params["layers"] (leaves [G, ...], G = cfg.num_layer_groups) split into
+  params["layers_0"] ... params["layers_{G-1}"]; `forward` takes either form, with equal results.
+
+  For loops around a forward whose layer scan is unrolled anyway (cfg.layer_scan_unroll >= G,
+  as in decoding): inside a while loop XLA copies each group's rows out of the stacked weights
+  at every iteration; split once before the loop, each group reads its own arrays in place.
+  """
+  if "layers" not in params:
+    raise ValueError("params have no 'layers' (already unstacked?)")
+  out = {k: v for k, v in params.items() if k != "layers"}
+  for g in range(cfg.num_layer_groups):
+    out[f"layers_{g}"] = jax.tree.map(lambda x, g=g: x[g], params["layers"])
+  return out
 
 
 def logical_axes(cfg: ModelConfig) -> dict[str, Any]:
@@ -196,7 +216,8 @@ def forward(cfg: ModelConfig, params, tokens: jax.Array, *, token_mask: jax.Arra
   out = _module(cfg).apply({"params": params}, tokens, positions, token_mask, cache,
                            compute_logits=compute_logits, return_hidden_states=return_hidden_states,
                            fresh_cache=fresh_cache, return_experts=return_experts,
-                           routing_replay=routing_replay)
+                           routing_replay=routing_replay,
+                           unstacked_groups="layers" not in params)
   return ModelOutput(logits=out.get("logits"), aux_loss=aux_loss(out["router_stats"]),
                      hidden=out["hidden"], router_stats=out["router_stats"],
                      cache=out.get("cache"), hidden_states=out.get("hidden_states"),

@@ -63,9 +63,10 @@ class SoftmaxAttention(nn.Module):
                kv_cache: tuple | None = None):
     """h [B, T, E]; positions int [B, T]; token_mask [B, T] bool (False: padding).
 
-    kv_cache: (keys [L_softmax, B, S, KV, D], values (same), layer (this layer's row), slot_mask
-    [B, S] bool, index int32 []): the T new keys/values are written in place at slots
-    index..index+T-1 of row `layer`, and queries attend to filled, non-padding slots at or before
+    kv_cache: (keys [L_softmax, B, S, KV, D] or a tuple of L_softmax [B, S, KV, D], values
+    (same), layer (this layer's row; a Python int with tuples), slot_mask [B, S] bool, index
+    int32 []): the T new keys/values are written in place at slots index..index+T-1 of row
+    `layer`, and queries attend to filled, non-padding slots at or before
     their own (with fresh_cache, index is 0 and they attend to the new tokens only, as without a
     cache). Returns (out [B, T, E], (keys, values) updated, or None).
     """
@@ -94,9 +95,16 @@ class SoftmaxAttention(nn.Module):
     new_kv = None
     if kv_cache is not None:
       keys, values, layer, slot_mask, index = kv_cache
-      keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype)[None], (layer, 0, index, 0, 0))
-      values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype)[None],
+      if isinstance(keys, tuple):  # one array per layer (`unstack_cache`): layer is static
+        write = lambda cache, new: jax.lax.dynamic_update_slice(
+            cache, new.astype(cache.dtype), (0, index, 0, 0))
+        keys = keys[:layer] + (write(keys[layer], k),) + keys[layer + 1:]
+        values = values[:layer] + (write(values[layer], v),) + values[layer + 1:]
+      else:
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype)[None],
                                             (layer, 0, index, 0, 0))
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype)[None],
+                                              (layer, 0, index, 0, 0))
       new_kv = (keys, values)
     if kv_cache is None or self.fresh_cache:
       o = checkpoint_name(causal_attention(q, k, v, token_mask, scale, _implementation(cfg, dtype)),
@@ -105,7 +113,7 @@ class SoftmaxAttention(nn.Module):
       if h.shape[1] == 1:  # decode: every filled slot is in the past (the cache may be a ring)
         mask = slot_mask[:, None, None, :]
       else:
-        t, s = h.shape[1], keys.shape[2]
+        t, s = h.shape[1], slot_mask.shape[1]
         causal = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]  # [T, S]
         mask = slot_mask[:, None, None, :] & causal[None, None]
       o = jax.nn.dot_product_attention(q, keys[layer].astype(dtype), values[layer].astype(dtype),

@@ -173,14 +173,16 @@ def experts_dense(x, weights, experts, w1, w3, w2, dtype):
   the decode steps' path (ModelConfig.moe_dense_decode_rows), where it reads each expert once.
 
   x [N, E]; weights [N, k] f32; experts [N, k] int32; w1/w3 [X, E, I]; w2 [X, I, E] -> [N, E].
-  The expert axis stays an axis of every product (not merged with I), so expert- and
-  tensor-sharded weights need no resharding.
+  The expert axis is the batch axis of every product: each expert's matrices are read as stored
+  (a shared x against w1 [X, E, I] would make XLA copy a transposed w1 at every step), and
+  expert- and tensor-sharded weights need no resharding.
   """
   mm = common.matmul
-  hidden = jax.nn.silu(mm("ne,xei->nxi", x, w1, dtype)) * mm("ne,xei->nxi", x, w3, dtype)
-  y = mm("nxi,xie->nxe", hidden, w2, dtype)
+  xs = jnp.broadcast_to(x.astype(dtype), (w1.shape[0],) + x.shape)  # [X, N, E]
+  hidden = jax.nn.silu(mm("xne,xei->xni", xs, w1, dtype)) * mm("xne,xei->xni", xs, w3, dtype)
+  y = mm("xni,xie->xne", hidden, w2, dtype)
   combine = jnp.sum(jax.nn.one_hot(experts, w1.shape[0]) * weights[..., None], axis=1)  # [N, X]
-  return jnp.einsum("nxe,nx->ne", y.astype(jnp.float32), combine).astype(dtype)
+  return jnp.einsum("xne,nx->ne", y.astype(jnp.float32), combine).astype(dtype)
 
 
 class MoE(nn.Module):

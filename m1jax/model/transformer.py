@@ -30,8 +30,9 @@ class DecodeCache:
   Sequences are left-padded so that every row writes slot `index` at the same step.
   """
   lightning_states: jax.Array  # [L_lightning, B, H, D, D] float32
-  keys: jax.Array  # [L_softmax, B, S, KV, D]
-  values: jax.Array  # [L_softmax, B, S, KV, D]
+  # [L_softmax, B, S, KV, D], or a tuple of L_softmax [B, S, KV, D] (`unstack_cache`)
+  keys: jax.Array | tuple[jax.Array, ...]
+  values: jax.Array | tuple[jax.Array, ...]  # as keys
   slot_mask: jax.Array  # [B, S] bool: slot holds a real (non-padding) token
   index: jax.Array  # int32 []: next slot to write
 
@@ -45,6 +46,15 @@ def init_cache(cfg: ModelConfig, batch: int, max_length: int, kv_dtype=None) -> 
                                   cfg.head_dim, cfg.head_dim), jnp.float32),
       keys=jnp.zeros(kv_shape, kv_dtype), values=jnp.zeros(kv_shape, kv_dtype),
       slot_mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+
+def unstack_cache(cache: DecodeCache) -> DecodeCache:
+  """The cache with one KV array per softmax layer, for a forward on `unstack_layer_groups`
+  params inside a decode loop: each layer then writes and reads its own buffer in place, where
+  with the stacked arrays XLA copies the whole KV cache several times per step."""
+  if isinstance(cache.keys, tuple):
+    return cache
+  return cache.replace(keys=tuple(cache.keys), values=tuple(cache.values))
 
 
 class DecoderLayer(nn.Module):
@@ -93,7 +103,8 @@ class LayerGroup(nn.Module):
   """One period of the layout: cfg.layer_period decoder layers, the body of the layer scan.
 
   carry: (x [B, T, E], lightning_states [L_lightning, B, H, D, D] or None, keys, values
-  [L_softmax, B, S, KV, D] or None); xs: (group index int32 [], slopes [p, H], replayed experts
+  [L_softmax, B, S, KV, D], a tuple of [B, S, KV, D] or None); xs: (group index: int32 [] in
+  the scan, a Python int when unrolled over unstacked params; slopes [p, H], replayed experts
   [p, B, T, k] or None). Cache rows of group g are g * (layers of that kind per group) + their
   rank within the group. Outputs per group: RouterStats, hidden states [p, B, T, E] and routed
   experts [p, B, T, k] (each None unless requested).
@@ -123,8 +134,9 @@ class LayerGroup(nn.Module):
       replay = (None if replay_experts is None
                 else RoutingReplay(replay_experts[j], replay_mask))
       if is_lightning:  # the layer reads and writes row `row` of the stacked states
-        x, new_states, stats, experts = layer(x, positions, token_mask, slopes[j], states, None,
-                                              replay, None if states is None else row)
+        x, new_states, stats, experts = layer(
+            x, positions, token_mask, slopes[j], states, None, replay,
+            None if states is None else jnp.asarray(row, jnp.int32))
         states = None if states is None else new_states
       else:
         kv = None if keys is None else (keys, values, row, slot_mask, index)
@@ -150,7 +162,8 @@ class Transformer(nn.Module):
   def __call__(self, tokens, positions=None, token_mask=None, cache: DecodeCache | None = None,
                compute_logits: bool = True, return_hidden_states: bool = False,
                fresh_cache: bool = False, return_experts: bool = False,
-               routing_replay: RoutingReplay | None = None) -> dict[str, Any]:
+               routing_replay: RoutingReplay | None = None,
+               unstacked_groups: bool = False) -> dict[str, Any]:
     cfg = self.cfg
     dtype, pdtype = cfg.jnp_dtype, cfg.jnp_param_dtype
     groups, period = cfg.num_layer_groups, cfg.layer_period
@@ -167,22 +180,37 @@ class Transformer(nn.Module):
       carry = (x, cache.lightning_states if cfg.num_lightning_layers else None,
                cache.keys if cfg.num_softmax_layers else None,
                cache.values if cfg.num_softmax_layers else None)
+    if cache is not None and isinstance(cache.keys, tuple) and not unstacked_groups:
+      raise ValueError("a cache with one KV array per layer (unstack_cache) needs params with "
+                       "one array per layer group (unstack_layer_groups)")
     index = None if cache is None else cache.index
     replay_experts = replay_mask = None
     if routing_replay is not None:  # experts [B, T, L, k] -> [G, p, B, T, k]
       replay_experts = jnp.moveaxis(routing_replay.experts, 2, 0).reshape(
           (groups, period) + routing_replay.experts.shape[:2] + routing_replay.experts.shape[3:])
       replay_mask = routing_replay.mask.astype(bool)
-    scan = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True},
-                   in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
-                            nn.broadcast),
-                   length=groups, unroll=min(cfg.layer_scan_unroll, groups),
-                   metadata_params={nn.PARTITION_NAME: "layers"})
     slopes = layer_slopes(cfg).reshape(groups, period, cfg.num_attention_heads)
-    (x, states, keys, values), (stats, hidden, routed) = scan(
-        cfg, return_hidden_states, fresh_cache, return_experts, name="layers")(
-            carry, (jnp.arange(groups, dtype=jnp.int32), slopes, replay_experts), positions,
-            token_mask, slot_mask, index, replay_mask)
+    group_args = (positions, token_mask, slot_mask, index, replay_mask)
+    if unstacked_groups:  # params["layers_{g}"]: the groups one after another (see forward)
+      per_group = []
+      for g in range(groups):
+        layer_group = LayerGroup(cfg, return_hidden_states, fresh_cache, return_experts,
+                                 name=f"layers_{g}")
+        xs = (g, slopes[g], None if replay_experts is None else replay_experts[g])
+        carry, outputs = layer_group(carry, xs, *group_args)
+        per_group.append(outputs)
+      (x, states, keys, values) = carry
+      stats, hidden, routed = jax.tree.map(lambda *a: jnp.stack(a), *per_group)
+    else:
+      scan = nn.scan(LayerGroup, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                              nn.broadcast),
+                     length=groups, unroll=min(cfg.layer_scan_unroll, groups),
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+      (x, states, keys, values), (stats, hidden, routed) = scan(
+          cfg, return_hidden_states, fresh_cache, return_experts, name="layers")(
+              carry, (jnp.arange(groups, dtype=jnp.int32), slopes, replay_experts),
+              *group_args)
 
     x = RMSNorm(cfg.rms_norm_eps, ("norm",), pdtype, name="final_norm")(x)
     lm_head = common.param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),

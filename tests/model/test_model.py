@@ -194,7 +194,8 @@ def test_gpu_decode_steps_compute_every_expert_up_to_moe_dense_decode_rows(tiny,
     jaxpr = jax.make_jaxpr(lambda p: model.forward(c, p, t).logits)(params)
     return " sort[" in str(jaxpr)
 
-  assert sorts(cfg.replace(moe_dense_decode_rows=6), tokens)  # CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  assert sorts(cfg.replace(moe_dense_decode_rows=6), tokens)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert not sorts(cfg.replace(moe_dense_decode_rows=6), tokens)
   assert sorts(cfg.replace(moe_dense_decode_rows=5), tokens)
@@ -299,6 +300,61 @@ def test_unrolled_layer_scan_changes_nothing():
   ref, got = run(cfg), run(unrolled)
   assert (got.tokens == ref.tokens).all()
   assert _rel(got.logprobs, ref.logprobs) <= TOL
+  # Slot refill decodes from one array per group and per KV layer when unrolled.
+  refill = lambda c: generate.generate(
+      c, params, [[3, 5, 7, 9], [2, 4], [1], [6, 6, 6]], generate.GenerateConfig(
+          max_new_tokens=5, slots=2, refill_rows=1, repetition_window=0,
+          sampling=generate.SamplingConfig(temperature=1.0)), key=jax.random.key(2))
+  ref, got = refill(cfg), refill(unrolled)
+  assert (got.tokens == ref.tokens).all() and (got.lengths == ref.lengths).all()
+  assert _rel(got.logprobs, ref.logprobs) <= TOL
+
+
+def test_unstacked_layer_groups_equal_the_stacked_params():
+  """model.unstack_layer_groups: the same forward (logits, router stats, hidden states, routed
+  experts, a routing replay) and the same cached decode step from one array per layer group."""
+  cfg = config.preset("tiny", dtype="float32", num_hidden_layers=6,
+                      attn_type_list=(0, 0, 1, 0, 0, 1))
+  params = model.init(cfg, jax.random.key(0))
+  split = model.unstack_layer_groups(cfg, params)
+  assert set(split) - set(params) == {"layers_0", "layers_1"} and "layers" not in split
+  assert jax.tree.map(jnp.shape, split["layers_1"]) == jax.tree.map(
+      lambda x: x.shape[1:], params["layers"])
+  for layer in (2, 4):
+    for a, b in zip(jax.tree.leaves(model.layer_params(cfg, split, layer)),
+                    jax.tree.leaves(model.layer_params(cfg, params, layer))):
+      np.testing.assert_array_equal(a, b)
+  tokens = _tokens(cfg, (2, 9))
+  mask = jnp.arange(9)[None, :] >= jnp.array([[0], [3]])
+  run = jax.jit(functools.partial(model.forward, cfg, token_mask=mask, return_hidden_states=True,
+                                  return_experts=True))
+  ref, got = run(params, tokens), run(split, tokens)
+  replay = model.RoutingReplay(jnp.roll(ref.routed_experts, 1, axis=2), mask)
+  replayed = [jax.jit(functools.partial(model.forward, cfg, token_mask=mask,
+                                        routing_replay=replay))(p, tokens).logits
+              for p in (params, split)]
+  cache = model.init_cache(cfg, 2, 10)
+  prefill = [jax.jit(functools.partial(model.forward, cfg, token_mask=mask, fresh_cache=True))(
+      p, tokens, cache=cache).cache for p in (params, split)]
+  step = [forward(cfg, p, tokens[:, :1], positions=jnp.array([[9], [6]]), cache=c)
+          for p, c in zip((params, split, split), (prefill[0], prefill[1],
+                                                   model.unstack_cache(prefill[1])))]
+  assert isinstance(step[2].cache.keys, tuple) and len(step[2].cache.values) == 2
+  pairs = [(got.logits, ref.logits), (got.routed_experts, ref.routed_experts),
+           (replayed[1], replayed[0])]
+  for other in step[1:]:  # stacked and per-layer KV arrays
+    pairs += [(other.logits, step[0].logits),
+              (other.cache.lightning_states, step[0].cache.lightning_states),
+              (jnp.stack(other.cache.keys), step[0].cache.keys),
+              (jnp.stack(other.cache.values), step[0].cache.values)]
+  pairs += list(zip(jax.tree.leaves(got.router_stats), jax.tree.leaves(ref.router_stats)))
+  pairs += list(zip(got.hidden_states, ref.hidden_states))
+  for a, b in pairs:
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="already unstacked"):
+    model.unstack_layer_groups(cfg, split)
+  with pytest.raises(ValueError, match="one array per layer group"):
+    model.forward(cfg, params, tokens[:, :1], cache=model.unstack_cache(prefill[0]))
 
 
 def test_layer_scan_unroll_must_be_positive():
