@@ -40,6 +40,9 @@ _MEAN_LENGTH = flags.DEFINE_float("mean_length", 128.0, "Mean length of the long
 _MIX_ROWS = flags.DEFINE_integer("mix_rows", 1024, "Prompts of the long-tailed mix.")
 _SLOTS = flags.DEFINE_integer("slots", 256, "Decode slots of the refill run (and static rows).")
 _REFILL_ROWS = flags.DEFINE_integer("refill_rows", 0, "Prompts per refill (0: slots / 4).")
+_DRAIN_SLOTS = flags.DEFINE_list(
+    "drain_slots", ["-1"], "Refill runs, one per entry: slots the tail drains into (-1: slots / 4; "
+    "0: never).")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed generate calls per row (the median is reported).")
 _OUT_DIR = flags.DEFINE_string("out_dir", "results/rollout", "CSV and table folder.")
 
@@ -71,11 +74,13 @@ def main(argv):
   if _MIX.value:
     cfg = config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
     params = model.init(cfg, jax.random.key(0))
-    for slots in (0, _SLOTS.value):
+    runs = [(0, None)] + [(_SLOTS.value, None if int(d) == -1 else int(d))
+                          for d in _DRAIN_SLOTS.value]
+    for slots, drain in runs:
       results.append(rollout.time_generate(
           cfg, params, _MIX_ROWS.value if slots else _SLOTS.value, _PROMPT_LEN.value,
           _NEW_TOKENS.value, mean_length=_MEAN_LENGTH.value, slots=slots,
-          refill_rows=_REFILL_ROWS.value, reps=_REPS.value))
+          refill_rows=_REFILL_ROWS.value, drain_slots=drain, reps=_REPS.value))
       log(rollout.table(results[-1:]))
   reporting.write_results(_OUT_DIR.value, "rollout", results, rollout.table(results), log)
 

@@ -55,24 +55,27 @@ def _eos_ids(cfg: ModelConfig, mean_length: float) -> tuple[int, ...]:
 
 def time_generate(cfg: ModelConfig, params, rows: int, prompt_len: int, new_tokens: int, *,
                   mean_length: float | None = None, slots: int = 0, refill_rows: int = 0,
+                  drain_slots: int | None = None,
                   reps: int = 3, seed: int = 0) -> RolloutTiming:
   """Median wall time of `reps` generate calls after one compile call. mean_length None: no EOS
   (every row runs new_tokens); else rows end with probability 1 / mean_length per token."""
   prompts = jax.random.randint(jax.random.key(seed), (rows, prompt_len), 0, cfg.vocab_size)
   gen = generate.GenerateConfig(
       max_new_tokens=new_tokens, repetition_window=0, slots=slots, refill_rows=refill_rows,
+      drain_slots=drain_slots if slots else None,
       eos_token_ids=() if mean_length is None else _eos_ids(cfg, mean_length),
       sampling=generate.SamplingConfig(1.0))
   # The same key every call: the same lengths, so the calls do the same work.
   out, seconds = reporting.median_call(
       lambda: generate.generate(cfg, params, prompts, gen, key=jax.random.key(0)), reps)
   generated = int(np.sum(np.asarray(out.lengths)))
-  steps = int(out.slot_steps) // (slots or rows)
+  steps = int(out.decode_steps)
   floor = decode_floor_bytes(cfg, slots or rows, prompt_len + new_tokens // 2)
   floor_ms = 1e3 * floor / reporting.HBM_BYTES_PER_S
   ms_per_step = 1e3 * seconds / max(steps, 1)
   return RolloutTiming(
-      mode=f"refill {slots}/{refill_rows or max(1, slots // 4)}" if slots else "static",
+      mode=(f"refill {slots}/{refill_rows or max(1, slots // 4)}, drain {gen.resolved_drain_slots}"
+            if slots else "static"),
       rows=rows, prompt_len=prompt_len, new_tokens=new_tokens, generated=generated,
       seconds=seconds, tokens_per_s=generated / seconds, ms_per_step=ms_per_step,
       floor_ms=floor_ms, floor_share=floor_ms / ms_per_step,

@@ -63,6 +63,9 @@ class GenerateConfig:
     (continuous batching), so a long-tailed batch does not wait on its longest row.
   refill_rows: with slots, how many prompts one refill prefills (0: a quarter of the slots);
     a refill runs once that many slots are free (or fewer prompts remain, or none is decoding).
+  drain_slots: with slots, once no prompt is pending and at most this many rows are unfinished,
+    they move into that many slots and decode on there: the long tail of a long-tailed batch
+    runs at a smaller (cheaper) batch. None: a quarter of the slots; 0: never.
   record_experts: also return `GenerateOutput.experts`, the MoE experts every generated token
     was routed to (for routing replay in the trainer).
   """
@@ -78,6 +81,7 @@ class GenerateConfig:
   kv_dtype: str | None = None
   slots: int = 0
   refill_rows: int = 0
+  drain_slots: int | None = None
   record_experts: bool = False
 
   def __post_init__(self):
@@ -100,9 +104,19 @@ class GenerateConfig:
         raise ValueError(f"GenerateConfig.{name}={value!r}: must be an integer >= 0")
     if self.slots and self.refill_rows > self.slots:
       raise ValueError(f"GenerateConfig.refill_rows={self.refill_rows} exceeds slots={self.slots}")
+    drain = self.drain_slots
+    if drain is not None and (not isinstance(drain, int) or isinstance(drain, bool) or drain < 0
+                              or (self.slots and drain >= self.slots)):
+      raise ValueError(f"GenerateConfig.drain_slots={drain!r}: must be None or an integer >= 0 "
+                       f"and below slots={self.slots} (0: never drain)")
     if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
       raise ValueError(f"GenerateConfig.kv_dtype={self.kv_dtype!r}: must be None or one of "
                        f"{sorted(DTYPES)}")
+
+  @property
+  def resolved_drain_slots(self) -> int:
+    """drain_slots with None resolved: a quarter of the slots."""
+    return self.slots // 4 if self.drain_slots is None else self.drain_slots
 
   def resolved_eos(self, cfg: ModelConfig) -> tuple[int, ...]:
     if self.eos_token_ids is not None:
@@ -137,6 +151,7 @@ class GenerateOutput(NamedTuple):
   prompt_lengths: jax.Array  # int32 [B]
   slot_steps: jax.Array  # int32 []: decode steps x decode slots (rows of the batch, or slots)
   finished_slot_steps: jax.Array  # int32 []: of those, steps of slots with no unfinished row
+  decode_steps: jax.Array  # int32 []: decode steps (forwards of one token per slot)
   # [B, N, L, k] (GenerateConfig.record_experts) in model.expert_id_dtype (uint8 up to 256
   # experts): the top-k experts of every layer when generated token i was fed to the model,
   # for i < lengths - 1; 0 for the last generated token (never fed) and after it.
@@ -245,10 +260,14 @@ def _unstacked(cfg: ModelConfig) -> bool:
   return cfg.layer_scan_unroll >= cfg.num_layer_groups > 1
 
 
-def _decode_params(cfg: ModelConfig, params):
-  """The weights the decode loop reads: in compute dtype (made once per call, not per step),
-  unstacked by layer group (model.unstack_layer_groups) where `_unstacked`."""
+def _decode_params(cfg: ModelConfig, params, rows: int):
+  """The weights a decode loop of `rows` rows reads: in compute dtype (made once per call, not
+  per step), with each MoE's gate and up weights stacked (model.fuse_gate_up) where its steps
+  multiply every expert, unstacked by layer group (model.unstack_layer_groups) where
+  `_unstacked`."""
   params = model.compute_params(cfg, params)
+  if model.dense_at_decode(cfg, rows):
+    params = model.fuse_gate_up(params)
   return model.unstack_layer_groups(cfg, params) if _unstacked(cfg) else params
 
 
@@ -260,8 +279,8 @@ def _decode_cache(cfg: ModelConfig, cache: model.DecodeCache) -> model.DecodeCac
 
 def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, row_ids):
   """The jitted program. tokens int32 [B, P]; mask bool [B, P]; key: PRNG key; row_ids int32 [B]."""
-  params = _decode_params(cfg, params)
   batch, prompt_width = tokens.shape
+  params = _decode_params(cfg, params, batch)
   n = gen.max_new_tokens
   tokens, mask = _left_align(tokens, mask, gen.pad_id)
   prompt_lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
@@ -312,6 +331,7 @@ def _generate(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask, key, 
                         finish_reasons=state.finish_reasons, prompt_tokens=tokens, prompt_mask=mask,
                         prompt_lengths=prompt_lengths, slot_steps=slot_steps,
                         finished_slot_steps=slot_steps - jnp.sum(state.lengths - 1),
+                        decode_steps=state.step - 1,
                         experts=_fed_experts(gen, state.experts, state.lengths))
 
 
@@ -346,6 +366,7 @@ class _RefillState(NamedTuple):
   finish_reasons: jax.Array  # [R + 1]
   slot_steps: jax.Array  # int32 []
   finished_slot_steps: jax.Array  # int32 []
+  decode_steps: jax.Array  # int32 []
   cache: Any  # model.DecodeCache of S rows
   experts: Any = None  # [R + 1, N, L, k] when recording experts
 
@@ -357,10 +378,11 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
   positions), so each prompt's output equals generating it alone with the same row id (to
   floating-point summation order).
   """
-  params = _decode_params(cfg, params)
   num_prompts, width = tokens.shape
   n, slots = gen.max_new_tokens, gen.slots
   refill = gen.refill_rows or max(1, slots // 4)
+  draining = gen.resolved_drain_slots
+  params = _decode_params(cfg, params, draining or slots)  # the smallest batch decoded
   ring = width + n  # a row lives at most width + n - 1 slots: the ring never wraps onto it
   tokens, mask = _left_align(tokens, mask, gen.pad_id)
   prompt_lengths = jnp.sum(mask, axis=1, dtype=jnp.int32)
@@ -373,10 +395,11 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
     slot has nothing to do: nothing is written for it)."""
     live = who < num_prompts
     prompt = jnp.minimum(who, num_prompts - 1)
-    slot = jnp.where(live, rows, slots)  # writes of dead rows are dropped
-    step = state.step[jnp.minimum(rows, slots - 1)]
+    here = state.active.shape[0]  # the loop's slots (fewer once draining)
+    slot = jnp.where(live, rows, here)  # writes of dead rows are dropped
+    step = state.step[jnp.minimum(rows, here - 1)]
     token, logprob = _sample_step(gen, logits, row_keys[prompt], step, live)
-    run, stops, reason = stop_update(token, logprob, state.run[jnp.minimum(rows, slots - 1)],
+    run, stops, reason = stop_update(token, logprob, state.run[jnp.minimum(rows, here - 1)],
                                      step, **stop_rules)
     finishing = live & stops
     target = jnp.where(live, who, sink)
@@ -440,20 +463,40 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
           out.routed_experts[:, 0].astype(state.experts.dtype)))
     cache = out.cache.replace(index=out.cache.index % ring)
     busy = jnp.sum(active, dtype=jnp.int32)
-    state = state._replace(cache=cache, slot_steps=state.slot_steps + slots,
-                           finished_slot_steps=state.finished_slot_steps + slots - busy)
-    return record(state, out.logits[:, 0], jnp.arange(slots),
+    here = active.shape[0]
+    counted = jnp.where(busy > 0, here, 0)  # a step with no active slot (rare) is not counted
+    state = state._replace(cache=cache, slot_steps=state.slot_steps + counted,
+                           finished_slot_steps=state.finished_slot_steps + counted - busy,
+                           decode_steps=state.decode_steps + (busy > 0))
+    return record(state, out.logits[:, 0], jnp.arange(here),
                   jnp.where(active, state.prompt, num_prompts))
+
+  @jax.named_scope("drain")
+  def drain(state: _RefillState) -> _RefillState:
+    """The unfinished rows (at most `draining`) moved to the first of `draining` slots."""
+    count = jnp.sum(state.active, dtype=jnp.int32)
+    rows = jnp.nonzero(state.active, size=draining, fill_value=0)[0]  # old slot of each new one
+    take = lambda x, axis=0: jnp.take(x, rows, axis=axis)
+    cache = state.cache
+    kv = lambda a: tuple(take(x) for x in a) if isinstance(a, tuple) else take(a, 1)
+    cache = cache.replace(lightning_states=take(cache.lightning_states, 1), keys=kv(cache.keys),
+                          values=kv(cache.values), slot_mask=take(cache.slot_mask))
+    return state._replace(
+        prompt=take(state.prompt), step=take(state.step), last=take(state.last),
+        run=take(state.run), active=take(state.active) & (jnp.arange(draining) < count),
+        cache=cache)
 
   def step(state: _RefillState) -> _RefillState:
     free = slots - jnp.sum(state.active)
     remaining = num_prompts - state.pending
     due = (remaining > 0) & ((free >= jnp.minimum(refill, remaining)) | ~jnp.any(state.active))
     state = jax.lax.cond(due, lambda s: fill(s, refill), lambda s: s, state)
-    return jax.lax.cond(jnp.any(state.active), decode, lambda s: s, state)
+    # Decoding outside a cond: a cond around the step would copy the carried cache. Idle slots
+    # write only to the sink row, so a step after which nothing is active changes nothing.
+    return decode(state)
 
-  def keep_going(state: _RefillState):
-    return jnp.any(state.active) | (state.pending < num_prompts)
+  def keep_filling(state: _RefillState):
+    return (state.pending < num_prompts) | (jnp.sum(state.active) > draining)
 
   kv_dtype = None if gen.kv_dtype is None else DTYPES[gen.kv_dtype]
   state = _RefillState(
@@ -465,15 +508,19 @@ def _generate_refill(cfg: ModelConfig, gen: GenerateConfig, params, tokens, mask
       lengths=jnp.zeros((num_prompts + 1,), jnp.int32),
       finish_reasons=jnp.full((num_prompts + 1,), FinishReason.LENGTH, jnp.int32),
       slot_steps=jnp.zeros((), jnp.int32), finished_slot_steps=jnp.zeros((), jnp.int32),
+      decode_steps=jnp.zeros((), jnp.int32),
       cache=_decode_cache(cfg, model.init_cache(cfg, slots, ring, kv_dtype)),
       experts=_no_experts(cfg, gen, num_prompts + 1))
   state = fill(state, slots)  # the first prompts into every slot
-  state = jax.lax.while_loop(keep_going, step, state)
+  state = jax.lax.while_loop(keep_filling, step, state)
+  if draining:  # no prompt pending, at most `draining` rows left: on in a smaller batch
+    state = jax.lax.while_loop(lambda s: jnp.any(s.active), decode, drain(state))
   return GenerateOutput(tokens=state.tokens[:-1], logprobs=state.logprobs[:-1],
                         lengths=state.lengths[:-1], finish_reasons=state.finish_reasons[:-1],
                         prompt_tokens=tokens, prompt_mask=mask, prompt_lengths=prompt_lengths,
                         slot_steps=state.slot_steps,
                         finished_slot_steps=state.finished_slot_steps,
+                        decode_steps=state.decode_steps,
                         experts=_fed_experts(gen, state.experts[:-1] if gen.record_experts
                                              else None, state.lengths[:-1]))
 

@@ -15,12 +15,14 @@ import numpy as np
 
 from m1jax import sharding as sharding_lib
 from m1jax.config import ModelConfig
-from m1jax.model.moe import RouterStats, RoutingReplay, aux_loss, expert_id_dtype
+from m1jax.model import moe as moe_lib
+from m1jax.model.moe import (RouterStats, RoutingReplay, aux_loss, dense_at_decode,
+                             expert_id_dtype)
 from m1jax.model.transformer import (DecodeCache, Transformer, init_cache, lm_head_logits,
                                      unstack_cache)
 
 __all__ = ["ModelOutput", "DecodeCache", "RoutingReplay", "init", "abstract_params",
-           "unstack_layer_groups", "unstack_cache",
+           "unstack_layer_groups", "unstack_cache", "fuse_gate_up", "dense_at_decode",
            "compute_params", "forward", "init_cache", "layer_params", "logical_axes",
            "param_counts", "lm_head_logits", "positions_from_mask", "expert_id_dtype"]
 
@@ -172,6 +174,22 @@ def unstack_layer_groups(cfg: ModelConfig, params) -> dict[str, Any]:
   for g in range(cfg.num_layer_groups):
     out[f"layers_{g}"] = jax.tree.map(lambda x, g=g: x[g], params["layers"])
   return out
+
+
+def fuse_gate_up(params) -> dict[str, Any]:
+  """params with every MoE's `w13` = moe.stack_gate_up(w1, w3) [..., X, E, 2, I] added next to
+  w1 and w3, which stay (prefill's grouped GEMMs read them). A forward given them runs the
+  gate and up projections of `experts_dense` as one product; the result equals that of w1 and
+  w3 apart (the same dot products). For decode loops: made once per call, not per step."""
+  def add(tree):
+    if not isinstance(tree, dict):
+      return tree
+    out = {k: add(v) for k, v in tree.items()}
+    if {"router", "w1", "w2", "w3"} <= tree.keys():
+      out["w13"] = moe_lib.stack_gate_up(tree["w1"], tree["w3"])
+    return out
+  with jax.named_scope("fuse_gate_up"):
+    return add(dict(params))
 
 
 def logical_axes(cfg: ModelConfig) -> dict[str, Any]:

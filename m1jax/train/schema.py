@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
       max_sampling_rounds=4,  # generation batches tried per step to fill the batch
       decode_slots=0,  # 0: decode the batch together; > 0: that many slots, refilled as rows end
       refill_rows=0,  # with decode_slots: prompts prefilled per refill (0: a quarter of the slots)
+      # with decode_slots: once no prompt is pending, the unfinished rows move into this many
+      # slots (-1: a quarter of decode_slots; 0: never)
+      drain_slots=-1,
       repetition_window=3000,  # M1 early truncation: stop after this many tokens with p > prob
       repetition_prob=0.99,
       init_from="",  # checkpoint dir of an SFT run; default: this run's SFT stage (mode sft_rl)
@@ -273,6 +276,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   require(r.refill_rows >= 0, "rl.refill_rows", "must be >= 0 (0: a quarter of the slots)")
   require(not r.decode_slots or r.refill_rows <= r.decode_slots, "rl.refill_rows",
           f"must not exceed rl.decode_slots={r.decode_slots}")
+  require(r.drain_slots >= -1 and (not r.decode_slots or r.drain_slots < r.decode_slots),
+          "rl.drain_slots", f"must be -1 (a quarter of the slots), 0 (never) or in [1, "
+          f"rl.decode_slots={r.decode_slots})")
   require(r.repetition_window >= 0, "rl.repetition_window", "must be >= 0 (0: off)")
   require(0 <= r.repetition_prob < 1, "rl.repetition_prob", "must be in [0, 1)")
   require(r.old_logprobs in OLD_LOGPROBS, "rl.old_logprobs", f"must be one of {OLD_LOGPROBS}")
@@ -470,9 +476,9 @@ def rerun_changes(stored: Mapping[str, Any], config: ml_collections.ConfigDict,
 # first stage's from rl) plus `steps` and `advance_when`, its end. Settings accumulate from stage
 # to stage; the last stage runs until rl.steps.
 STAGE_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_window",
-                  "repetition_prob", "decode_slots", "refill_rows", "dynamic_sampling",
-                  "max_sampling_rounds", "advantage", "overlong.enabled", "overlong.max_length",
-                  "overlong.cache_length", "optimizer.learning_rate", "optimizer.grad_clip") + tuple(
+                  "repetition_prob", "decode_slots", "refill_rows", "drain_slots",
+                  "dynamic_sampling", "max_sampling_rounds", "advantage", "overlong.enabled",
+                  "overlong.max_length", "overlong.cache_length", "optimizer.learning_rate", "optimizer.grad_clip") + tuple(
                       f"loss.{f.name}" for f in dataclasses.fields(losses.LossConfig))
 # Per-step RL metrics a transition rule may watch (means over the stage's last `window` steps).
 ADVANCE_METRICS = ("truncated_length", "truncated_repetition", "finished_eos", "response_length",

@@ -47,12 +47,13 @@ def test_rollout_benchmark_writes_one_row_per_run(tmp_path):
   with flagsaver.flagsaver(preset="tiny", dtype="float32", param_dtypes=[], rows=["2"],
                            new_tokens=4, prompt_len=8, variants="moe_gemm_impl=xla", mix=True,
                            mix_rows=4, slots=2, mean_length=2.0, reps=1,
-                           out_dir=str(tmp_path)):
+                           drain_slots=["-1", "1"], out_dir=str(tmp_path)):
     bench_rollout.main([])
   with open(tmp_path / "rollout.csv") as f:
     rows = list(csv.DictReader(f))
   assert [r["mode"] for r in rows] == ["static, float32 params, moe_gemm_impl=xla", "static",
-                                       "refill 2/1"]
-  assert [int(r["rows"]) for r in rows] == [2, 2, 4]
+                                       "refill 2/1, drain 0", "refill 2/1, drain 1"]
+  assert [int(r["rows"]) for r in rows] == [2, 2, 4, 4]
+  assert rows[2]["generated"] == rows[3]["generated"]  # draining changes no output
   assert int(rows[0]["generated"]) == 8  # no EOS: both rows run all 4 tokens
   assert (tmp_path / "rollout.md").read_text().count("| static") == 2

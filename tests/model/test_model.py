@@ -208,6 +208,25 @@ def test_gpu_decode_steps_compute_every_expert_up_to_moe_dense_decode_rows(tiny,
     cfg.replace(moe_dense_decode_rows=-1)
 
 
+def test_fused_gate_up_weights_give_the_same_forward(tiny):
+  """model.fuse_gate_up: every expert's [w1, w3] stacked for the dense experts' one gate-and-up
+  product: the same dot products, so the logits agree to float32 rounding; the forward reads
+  the stacked weights (zeroed, the logits change), stacked or unstacked by layer group."""
+  cfg, params = tiny
+  cfg = cfg.replace(moe_impl="dense")
+  tokens = _tokens(cfg, (3, 7))
+  expect = forward(cfg, params, tokens).logits
+  fused = model.fuse_gate_up(params)
+  moe_params = fused["layers"]["layer_0"]["moe"]
+  assert moe_params["w13"].shape == moe_params["w1"].shape[:-1] + (2, cfg.intermediate_size)
+  np.testing.assert_allclose(forward(cfg, fused, tokens).logits, expect, rtol=0, atol=1e-6)
+  split = model.unstack_layer_groups(cfg, fused)
+  np.testing.assert_allclose(forward(cfg, split, tokens).logits, expect, rtol=0, atol=1e-6)
+  zeroed = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x) if path[-1].key == "w13" else x, fused)
+  assert _rel(forward(cfg, zeroed, tokens).logits, expect) > 1e-3
+
+
 @pytest.mark.gpu
 def test_gpu_dense_decode_step_equals_the_grouped_path():
   """A bf16 decode-shaped forward (64 rows x 1 token) through the dense experts against the
@@ -219,6 +238,8 @@ def test_gpu_dense_decode_step_equals_the_grouped_path():
   dense = forward(cfg, params, tokens).logits.astype(jnp.float32)
   grouped = forward(cfg.replace(moe_dense_decode_rows=0), params, tokens).logits
   assert _rel(dense, grouped.astype(jnp.float32)) <= 4 * 2.0 ** -8
+  fused = forward(cfg, model.fuse_gate_up(params), tokens).logits  # the decode loop's weights
+  assert _rel(fused.astype(jnp.float32), grouped.astype(jnp.float32)) <= 4 * 2.0 ** -8
 
 
 def test_left_padding_matches_unpadded(tiny):
