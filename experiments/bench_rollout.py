@@ -74,8 +74,7 @@ def main(argv):
   if _MIX.value:
     cfg = config.preset(_PRESET.value, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
     params = model.init(cfg, jax.random.key(0))
-    runs = [(0, None)] + [(_SLOTS.value, None if int(d) == -1 else int(d))
-                          for d in _DRAIN_SLOTS.value]
+    runs = [(0, -1)] + [(_SLOTS.value, int(d)) for d in _DRAIN_SLOTS.value]
     for slots, drain in runs:
       results.append(rollout.time_generate(
           cfg, params, _MIX_ROWS.value if slots else _SLOTS.value, _PROMPT_LEN.value,

@@ -55,14 +55,14 @@ def _eos_ids(cfg: ModelConfig, mean_length: float) -> tuple[int, ...]:
 
 def time_generate(cfg: ModelConfig, params, rows: int, prompt_len: int, new_tokens: int, *,
                   mean_length: float | None = None, slots: int = 0, refill_rows: int = 0,
-                  drain_slots: int | None = None,
+                  drain_slots: int = -1,
                   reps: int = 3, seed: int = 0) -> RolloutTiming:
   """Median wall time of `reps` generate calls after one compile call. mean_length None: no EOS
   (every row runs new_tokens); else rows end with probability 1 / mean_length per token."""
   prompts = jax.random.randint(jax.random.key(seed), (rows, prompt_len), 0, cfg.vocab_size)
   gen = generate.GenerateConfig(
       max_new_tokens=new_tokens, repetition_window=0, slots=slots, refill_rows=refill_rows,
-      drain_slots=drain_slots if slots else None,
+      drain_slots=drain_slots if slots else -1,
       eos_token_ids=() if mean_length is None else _eos_ids(cfg, mean_length),
       sampling=generate.SamplingConfig(1.0))
   # The same key every call: the same lengths, so the calls do the same work.

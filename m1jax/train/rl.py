@@ -172,7 +172,7 @@ class Sampler:
         eos_token_ids=(ctx.tokenizer.eos_id,), pad_id=ctx.tokenizer.pad_id,
         repetition_window=rl.repetition_window, repetition_prob=rl.repetition_prob,
         slots=rl.decode_slots, refill_rows=rl.refill_rows,
-        drain_slots=None if rl.drain_slots == -1 else rl.drain_slots,
+        drain_slots=rl.drain_slots,
         record_experts=rl.routing_replay)
 
   def __call__(self, params, batch: pipeline.PromptBatch, key,

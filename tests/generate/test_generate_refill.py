@@ -48,7 +48,7 @@ def _alone(temperature):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-@pytest.mark.parametrize("slots, refill_rows, drain_slots", [(3, 1, None), (4, 2, None),
+@pytest.mark.parametrize("slots, refill_rows, drain_slots", [(3, 1, -1), (4, 2, -1),
                                                              (5, 2, 3), (4, 1, 0)])
 def test_refill_equals_each_prompt_alone(temperature, slots, refill_rows, drain_slots):
   """(3, 1): no drain (a quarter of 3 slots is 0); (4, 2): the last row drains into 1 slot."""
@@ -109,8 +109,10 @@ def test_refill_arguments_are_checked():
     generate.GenerateConfig(slots=4, refill_rows=5)
   with pytest.raises(ValueError, match="drain_slots=4: .* below slots=4"):
     generate.GenerateConfig(slots=4, drain_slots=4)
-  with pytest.raises(ValueError, match="drain_slots=-1"):
-    generate.GenerateConfig(slots=4, drain_slots=-1)
+  with pytest.raises(ValueError, match="drain_slots=-2"):
+    generate.GenerateConfig(slots=4, drain_slots=-2)
+  with pytest.raises(ValueError, match="drain_slots=None"):
+    generate.GenerateConfig(slots=4, drain_slots=None)
   with pytest.raises(ValueError, match="slots"):
     generate.GenerateConfig(slots=-1)
 

@@ -292,3 +292,13 @@ def test_compilation_cache_is_configured_unless_set_elsewhere(tmp_path, monkeypa
     jax.config.update("jax_compilation_cache_max_size", before[1])
   with pytest.raises(ValueError, match="compilation_cache_max_gb"):
     schema.validate(_micro(compilation_cache_max_gb=0.0))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"rl.decode_slots": 4, "rl.drain_slots": 4}, "rl.drain_slots"),
+    ({"rl.drain_slots": -2}, "rl.drain_slots"),
+])
+def test_bad_drain_slots_fail_naming_the_key(changes, message):
+  with pytest.raises(ValueError, match=message):
+    schema.validate(_micro(**changes))
+  schema.validate(_micro(**{"rl.decode_slots": 4, "rl.drain_slots": 1}))
